@@ -1,0 +1,32 @@
+# Set-up and everyday commands. `make repro` and `make test` bootstrap .venv on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch first, pinned: the CPU wheel on this machine's disk; a bare `torch` would pull a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: repro test lint params clean-outputs
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" ; test -x $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" ; $(BIN)/python -c "import bnn_core, pipeline, dvc, mlflow, lightning"
+	touch $(STAMP)
+
+repro: $(STAMP)
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# Rewrite params.yaml from conf/ exactly as DVC's Hydra composition does (`dvc exp run` does it too).
+params: $(STAMP)
+	$(BIN)/python -c "from pathlib import Path; from dvc.utils.hydra import compose_and_dump; \
+	compose_and_dump(Path('params.yaml'), str(Path('conf').resolve()), None, 'config', '.', [])"

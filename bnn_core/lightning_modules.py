@@ -1,0 +1,108 @@
+"""Lightning modules of the two training rounds, and the callback that keeps the best validation state."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import torch
+from torch import nn
+
+from bnn_core.errors import TrainingDivergedError
+from bnn_core.networks import BitwiseMLP, CompressedMLP
+
+
+class _Classifier(L.LightningModule):
+    """Softmax cross-entropy on ``loss_scale * scores``; logs ``<split>/loss`` and ``<split>/accuracy``."""
+
+    stage_name = "train"
+    network: nn.Module
+    loss_scale = 1.0
+
+    def __init__(self, lr: float, epochs: int, weight_decay: float):
+        super().__init__()
+        self.lr, self.epochs, self.weight_decay = lr, epochs, weight_decay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        x, y = batch
+        scores = self.network(x)
+        loss = nn.functional.cross_entropy(scores * self.loss_scale, y)
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"{self.stage_name}: {split} loss became {loss.item()} at epoch {self.current_epoch}; "
+                "lower the learning rate"
+            )
+        accuracy = (scores.argmax(dim=1) == y).float().mean()
+        on_step = split == "train"
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, prog_bar=on_step)
+        self.log(f"{split}/accuracy", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):  # type: ignore[override]
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):  # type: ignore[override]
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):  # type: ignore[override]
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+class PretrainModule(_Classifier):
+    """Round 1: the tanh-compressed real-valued network, trained with dropout."""
+
+    stage_name = "pretrain"
+
+    def __init__(self, network: CompressedMLP, lr: float, epochs: int, weight_decay: float = 0.0):
+        super().__init__(lr, epochs, weight_decay)
+        self.network = network
+
+
+class FinetuneModule(_Classifier):
+    """Round 2: noisy backpropagation on the bitwise network's shadow weights.
+
+    The class scores are integers of magnitude up to ``fan_in + 1``; the loss sees them divided by
+    ``sqrt(fan_in)`` (a fixed softmax temperature) so that it is not saturated. Argmax is unchanged.
+    """
+
+    stage_name = "finetune"
+
+    def __init__(self, network: BitwiseMLP, lr: float, epochs: int, weight_decay: float = 0.0):
+        super().__init__(lr, epochs, weight_decay)
+        self.network = network
+        self.loss_scale = 1.0 / math.sqrt(network.weights[-1].shape[1])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+        self.network.clip_shadow_weights()
+
+
+class BestValidationState(L.Callback):
+    """Remember the network's weights at the epoch of best validation accuracy (model selection on the
+    validation split; the test split is never looked at during training)."""
+
+    def __init__(self, monitor: str = "val/accuracy"):
+        self.monitor = monitor
+        self.best_score = -math.inf
+        self.best_epoch = -1
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        score = float(trainer.callback_metrics[self.monitor])
+        if score > self.best_score:
+            self.best_score, self.best_epoch = score, trainer.current_epoch
+            self.best_state = copy.deepcopy(pl_module.network.state_dict())
+
+    def restore(self, pl_module: L.LightningModule) -> None:
+        if self.best_state is not None:
+            pl_module.network.load_state_dict(self.best_state)

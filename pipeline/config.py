@@ -1,0 +1,165 @@
+"""Typed schema of the Hydra configuration in ``conf/``: every key, its type and its valid range.
+
+A stage validates its composed config before doing any work: an unknown key, a wrong type or a value
+out of range ends the stage with a :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bnn_core.errors import ConfigError
+from bnn_core.input_encoders import ENCODER_METHODS
+from bnn_core.quantizers import SIGN_GRADIENTS
+
+DATA_SOURCES = ("mnist5k", "idx")
+
+
+def _require(ok: bool, key: str, message: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}, got {value!r}")
+
+
+@dataclass
+class BinarizeConfig:
+    method: str = "threshold"
+    threshold: int = 127
+    bits: int = 2
+
+    def __post_init__(self) -> None:
+        _require(
+            self.method in ENCODER_METHODS, "data.binarize.method", f"must be one of {ENCODER_METHODS}", self.method
+        )
+        _require(0 <= self.threshold <= 254, "data.binarize.threshold", "must be in 0..254", self.threshold)
+        _require(1 <= self.bits <= 8, "data.binarize.bits", "must be in 1..8", self.bits)
+
+
+@dataclass
+class SplitConfig:
+    val: int = 500
+    test: int | None = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.val >= 1, "data.split.val", "must be >= 1", self.val)
+        _require(self.test is None or self.test >= 1, "data.split.test", "must be >= 1 or null", self.test)
+
+
+@dataclass
+class DataConfig:
+    source: str = "mnist5k"
+    path: str | None = None
+    n_classes: int = 10
+    split: SplitConfig = field(default_factory=SplitConfig)
+    binarize: BinarizeConfig = field(default_factory=BinarizeConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}", self.source)
+        _require(self.source != "idx" or bool(self.path), "data.path", "must name a folder of IDX files", self.path)
+        _require(2 <= self.n_classes <= 256, "data.n_classes", "must be in 2..256", self.n_classes)
+
+
+@dataclass
+class ModelConfig:
+    hidden: list[int] = field(default_factory=lambda: [1024, 1024, 1024])
+    dropout_input: float = 0.2
+    dropout_hidden: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require(len(self.hidden) >= 1, "model.hidden", "needs at least one hidden layer", self.hidden)
+        _require(all(h > 0 for h in self.hidden), "model.hidden", "sizes must be > 0", self.hidden)
+        for key in ("dropout_input", "dropout_hidden"):
+            value = getattr(self, key)
+            _require(0.0 <= value < 1.0, f"model.{key}", "must be in [0, 1)", value)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    batch_size: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+    def check(self, stage: str) -> None:
+        _require(self.epochs >= 1, f"{stage}.epochs", "must be >= 1", self.epochs)
+        _require(self.batch_size >= 1, f"{stage}.batch_size", "must be >= 1", self.batch_size)
+        _require(self.lr > 0, f"{stage}.lr", "must be > 0", self.lr)
+        _require(self.weight_decay >= 0, f"{stage}.weight_decay", "must be >= 0", self.weight_decay)
+
+
+@dataclass
+class PretrainConfig(OptimConfig):
+    def __post_init__(self) -> None:
+        self.check("pretrain")
+
+
+@dataclass
+class FinetuneConfig(OptimConfig):
+    sparsity: float = 0.0
+    grad: str = "identity"
+
+    def __post_init__(self) -> None:
+        self.check("finetune")
+        _require(0.0 <= self.sparsity < 1.0, "finetune.sparsity", "must be in [0, 1)", self.sparsity)
+        _require(self.grad in SIGN_GRADIENTS, "finetune.grad", f"must be one of {tuple(SIGN_GRADIENTS)}", self.grad)
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    progress_bar: bool = True
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "evaluate.batch_size", "must be >= 1", self.batch_size)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    experiment: str = "bitwise-nn"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Check a composed config against the schema and return it as typed objects."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {getattr(err, 'msg', str(err)).splitlines()[0]}") from None
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become their string form (MLflow params are strings)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, object] = {}
+    for key, value in container.items():  # type: ignore[union-attr]
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,40 @@
+"""Stage 3, finetune (round 2): noisy backpropagation of the bitwise network, started from round 1.
+
+Output: ``models/finetuned.pt`` (shadow weights of the best validation epoch; the bitwise network is
+their ternarization), ``reports/finetune_history.csv``.
+"""
+
+from __future__ import annotations
+
+from bnn_core.errors import ConfigError
+from bnn_core.lightning_modules import FinetuneModule
+from bnn_core.networks import BitwiseMLP
+from pipeline.artifacts import read_features
+from pipeline.networks_io import load_compressed
+from pipeline.stage import StageContext, stage
+from pipeline.training import fit_round
+
+
+@stage("finetune")
+def main(ctx: StageContext) -> None:
+    optim = ctx.config.finetune
+    splits = read_features(ctx.artifacts.features)
+    if not splits.is_binary():
+        raise ConfigError(
+            "data.binarize.method: the bitwise network needs binary inputs (threshold or lloyd_max); "
+            "'real' is for the real-valued baselines"
+        )
+    network = BitwiseMLP.from_compressed(load_compressed(ctx.artifacts.pretrained), optim.sparsity, optim.grad)
+    architecture = {
+        "n_in": splits.n_features,
+        "hidden": [w.shape[0] for w in network.weights[:-1]],
+        "n_out": network.weights[-1].shape[0],
+        "sparsity": optim.sparsity,
+        "grad": optim.grad,
+    }
+    module = FinetuneModule(network, optim.lr, optim.epochs, optim.weight_decay)
+    fit_round(ctx, module, splits, optim, ctx.artifacts.finetuned, architecture)
+
+
+if __name__ == "__main__":
+    main()

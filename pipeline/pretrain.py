@@ -1,0 +1,32 @@
+"""Stage 2, pretrain (round 1): the real-valued network with tanh weight compression.
+
+Output: ``models/pretrained.pt`` (best validation epoch), ``reports/pretrain_history.csv``.
+"""
+
+from __future__ import annotations
+
+from bnn_core.lightning_modules import PretrainModule
+from bnn_core.networks import CompressedMLP
+from pipeline.artifacts import read_features
+from pipeline.stage import StageContext, stage
+from pipeline.training import fit_round
+
+
+@stage("pretrain")
+def main(ctx: StageContext) -> None:
+    model, optim = ctx.config.model, ctx.config.pretrain
+    splits = read_features(ctx.artifacts.features)
+    architecture = {
+        "n_in": splits.n_features,
+        "hidden": list(model.hidden),
+        "n_out": ctx.config.data.n_classes,
+        "dropout_input": model.dropout_input,
+        "dropout_hidden": model.dropout_hidden,
+    }
+    network = CompressedMLP(**architecture)
+    module = PretrainModule(network, optim.lr, optim.epochs, optim.weight_decay)
+    fit_round(ctx, module, splits, optim, ctx.artifacts.pretrained, architecture)
+
+
+if __name__ == "__main__":
+    main()

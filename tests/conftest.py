@@ -1,0 +1,59 @@
+"""Shared fixtures: a throw-away copy of the project for tests that run real stages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["conf", "pipeline", "bnn_core", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
+                 ".dvc/.gitignore", ".gitignore", ".dvcignore"]
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    """The environment of a user who activated the project's virtualenv."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("DVC_ROOT", None)
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(cmd, cwd=cwd, env=project_env(**env), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    """The project's tracked sources in a fresh git repository (DVC experiments need a commit)."""
+    dest = tmp_path / "project"
+    dest.mkdir()
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if not src.exists():
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, target)
+    run(["git", "init", "-q"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], dest)
+    return dest
+
+
+def compose_params(project: Path, overrides: list[str]) -> None:
+    """Write ``params.yaml`` exactly as ``dvc exp run -S`` would (DVC's Hydra composition)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    compose_and_dump(project / "params.yaml", str(project / "conf"), None, "config", str(project), overrides)

@@ -1,0 +1,75 @@
+"""Every shipped config composes and validates; params.yaml is exactly conf/ composed."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from bnn_core.errors import ConfigError
+from pipeline.config import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def composed(overrides: list[str]):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@pytest.mark.parametrize("data", options("data"))
+@pytest.mark.parametrize("experiment", [None, *options("experiment")])
+def test_every_config_composes_and_validates(data, experiment):
+    overrides = [f"data={data}"] + ([f"experiment={experiment}"] if experiment else [])
+    if data == "idx":
+        overrides.append("data.path=/some/folder")
+    config = validate(composed(overrides))
+    assert config.data.source == data
+
+
+def test_params_yaml_is_the_composition_of_conf():
+    from dvc.utils.hydra import compose_and_dump
+
+    expected = ROOT / ".pytest_cache" / "params.composed.yaml"
+    expected.parent.mkdir(exist_ok=True)
+    compose_and_dump(expected, str(CONF), None, "config", str(ROOT), [])
+    assert yaml.safe_load((ROOT / "params.yaml").read_text()) == yaml.safe_load(expected.read_text()), (
+        "params.yaml differs from conf/ composed: run `make params`"
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("finetune.sparsity=1.0", "finetune.sparsity"),
+        ("finetune.sparsity=-0.1", "finetune.sparsity"),
+        ("finetune.sparsity=lots", "finetune.sparsity"),
+        ("finetune.grad=sigmoid", "finetune.grad"),
+        ("data.binarize.bits=0", "data.binarize.bits"),
+        ("data.binarize.bits=9", "data.binarize.bits"),
+        ("data.binarize.method=median", "data.binarize.method"),
+        ("model.hidden=[64,0]", "model.hidden"),
+        ("pretrain.lr=0", "pretrain.lr"),
+        ("finetune.lr=-1e-3", "finetune.lr"),
+        ("pretrain.epochs=0", "pretrain.epochs"),
+        ("model.dropout_hidden=1.0", "model.dropout_hidden"),
+        ("data=idx", "data.path"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(composed([override]))
+
+
+def test_unknown_key_names_the_key():
+    cfg = composed([])
+    OmegaConf.set_struct(cfg, False)
+    cfg.finetune.sparsty = 0.5
+    with pytest.raises(ConfigError, match=r"finetune\.sparsty"):
+        validate(cfg)

@@ -1,0 +1,74 @@
+"""The real stages, chained by DVC, on a tiny configuration in a temporary copy of the project."""
+
+import json
+import re
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import compose_params, run
+
+pytestmark = pytest.mark.slow
+SMOKE = ["experiment=smoke"]
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def test_dvc_repro_then_experiment_reruns_only_what_changed(project_copy):
+    compose_params(project_copy, SMOKE)
+    first = run(["dvc", "repro"], project_copy)
+    assert stages_run(first.stdout) == ["binarize", "pretrain", "finetune", "evaluate"]
+
+    metrics = json.loads((project_copy / "reports" / "metrics.json").read_text())
+    assert metrics["bnn"]["agreement"] == 1.0
+    for key in ("test_accuracy", "binary_macs_per_example", "weight_bits"):
+        assert metrics["bnn"][key] > 0
+    for key in ("test_accuracy", "macs_per_example", "weight_bits"):
+        assert metrics["real"][key] > 0
+    # Smoke net 784-64-64-10 without zeros: one binary MAC per weight and bias, 1 bit each.
+    assert metrics["bnn"]["binary_macs_per_example"] == 64 * 785 + 64 * 65 + 10 * 65
+    assert metrics["real"]["weight_bits"] == 32 * metrics["bnn"]["weight_bits"]
+
+    again = run(["dvc", "repro"], project_copy)
+    assert stages_run(again.stdout) == []
+
+    run(["git", "add", "-A"], project_copy)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], project_copy)
+    experiment = run(["dvc", "exp", "run", "-S", "experiment=smoke", "-S", "finetune.sparsity=0.5"], project_copy)
+    assert stages_run(experiment.stdout) == ["finetune", "evaluate"]
+    sparse = json.loads((project_copy / "reports" / "metrics.json").read_text())
+    assert sparse["bnn"]["sparsity"] == 0.5
+    assert sparse["bnn"]["agreement"] == 1.0
+    assert sparse["bnn"]["binary_macs_per_example"] < metrics["bnn"]["binary_macs_per_example"]
+
+    client = MlflowClient(f"sqlite:///{project_copy / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("bitwise-nn").experiment_id
+    runs = client.search_runs([experiment_id])
+    by_pipeline: dict[str, list[str]] = {}
+    for r in runs:
+        by_pipeline.setdefault(r.data.tags["pipeline_run"], []).append(r.data.tags["stage"])
+        assert r.data.params["finetune.grad"] == "identity"
+    assert sorted(map(sorted, by_pipeline.values())) == [
+        ["binarize", "evaluate", "finetune", "pretrain"],
+        ["evaluate", "finetune"],
+    ]
+    evaluate_run = next(r for r in runs if r.data.tags["stage"] == "evaluate" and r.data.params["finetune.sparsity"] == "0.5")
+    assert evaluate_run.data.metrics["test/agreement"] == 1.0
+
+
+def test_stage_rejects_bad_config_before_any_work(project_copy):
+    result = run(["python", "-m", "pipeline.binarize", "finetune.sparsity=1.5"], project_copy, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: binarize: finetune.sparsity: must be in [0, 1), got 1.5"
+    assert "Traceback" not in result.stderr
+    assert not (project_copy / "data").exists()
+
+
+def test_stage_by_hand_with_a_hydra_override(project_copy):
+    for stage in ("binarize", "pretrain", "finetune", "evaluate"):
+        run(["python", "-m", f"pipeline.{stage}", *SMOKE, "finetune.sparsity=0.25", "finetune.grad=ste"], project_copy)
+    metrics = json.loads((project_copy / "reports" / "metrics.json").read_text())
+    assert metrics["bnn"]["sparsity"] == 0.25
+    assert metrics["bnn"]["agreement"] == 1.0
