@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ IDX_FILE_STEMS = {
 }
 #: Refuse headers that claim absurd sizes before allocating anything (a fuzzed header could say 2^32).
 _MAX_IDX_ITEMS = 2**31
+#: numpy 1.x arrays have at most 32 dimensions (2.x: 64); IDX data uses 1 to 3.
+_MAX_IDX_DIMS = 32
 
 
 @dataclass(frozen=True)
@@ -81,13 +84,16 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise DataError(f"{name}: IDX element type 0x{dtype_code:02x} is not supported (need 0x08, ubyte)")
     if ndim == 0:
         raise DataError(f"{name}: IDX header declares zero dimensions")
+    if ndim > _MAX_IDX_DIMS:
+        raise DataError(f"{name}: IDX header declares {ndim} dimensions (at most {_MAX_IDX_DIMS} supported)")
     header_len = 4 + 4 * ndim
     if len(data) < header_len:
         raise DataError(f"{name}: truncated IDX header")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    n_items = int(np.prod(shape, dtype=np.float64))
-    if n_items > _MAX_IDX_ITEMS:
+    # Exact integers; zero sizes count as 1 so that absurd shapes with an empty axis are refused too.
+    if math.prod(max(d, 1) for d in shape) > _MAX_IDX_ITEMS:
         raise DataError(f"{name}: IDX header declares an implausible size {shape}")
+    n_items = math.prod(shape)
     body = len(data) - header_len
     if body != n_items:
         raise DataError(f"{name}: header declares shape {shape} ({n_items} bytes) but the file holds {body}")

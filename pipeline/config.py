@@ -7,6 +7,7 @@ out of range ends the stage with a :class:`ConfigError` naming the key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -15,7 +16,10 @@ from bnn_core.errors import ConfigError
 from bnn_core.input_encoders import ENCODER_METHODS
 from bnn_core.quantizers import SIGN_GRADIENTS
 
-DATA_SOURCES = ("mnist5k", "idx")
+#: The Hydra config folder, absolute so entry points work from any module and any working directory.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+DATA_SOURCES = ("mnist5k", "idx", "mnist", "fashion_mnist")
 
 
 def _require(ok: bool, key: str, message: str, value: object) -> None:
@@ -55,10 +59,26 @@ class DataConfig:
     n_classes: int = 10
     split: SplitConfig = field(default_factory=SplitConfig)
     binarize: BinarizeConfig = field(default_factory=BinarizeConfig)
+    # source mnist only (conf/data/mnist.yaml); null: the defaults in pipeline/sources.py
+    url: str | None = None
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}", self.source)
         _require(self.source != "idx" or bool(self.path), "data.path", "must name a folder of IDX files", self.path)
+        _require(self.url is None or "://" in self.url, "data.url", "must be a base URL or null", self.url)
+        _require(
+            self.cache_dir is None or bool(self.cache_dir.strip()),
+            "data.cache_dir",
+            "must be a folder or null",
+            self.cache_dir,
+        )
+        _require(
+            self.source != "mnist" or self.path is None,
+            "data.path",
+            "is not used by source mnist (it downloads into data.cache_dir; for files you have, use data=idx)",
+            self.path,
+        )
         _require(2 <= self.n_classes <= 256, "data.n_classes", "must be in 2..256", self.n_classes)
 
 

@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 
 from bnn_core.data_module import split_source
-from bnn_core.datasets import LabelledImages, SourceData, load_idx_folder, load_mnist5k, parse_idx, read_idx, stratified_split
+from bnn_core.datasets import (
+    LabelledImages,
+    SourceData,
+    load_idx_folder,
+    load_mnist5k,
+    parse_idx,
+    read_idx,
+    stratified_split,
+)
 from bnn_core.errors import DataError
 
 
