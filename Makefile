@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torch first, pinned: the CPU wheel on this machine's disk; a bare `torch` would pull a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# Stage commands in dvc.yaml call `python`: make it the project's.
+export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test lint params clean-outputs
+.PHONY: repro test lint params clean-outputs bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +27,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Inference speed: float32 (torch / numpy BLAS) vs packed bits vs the fast kernel; writes reports/bench.json.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_inference.py
 
 # Rewrite params.yaml from conf/ exactly as DVC's Hydra composition does (`dvc exp run` does it too).
 params: $(STAMP)

@@ -1,0 +1,280 @@
+"""The fast kernel (bnn_core.kernels) must give exactly the integers of the numpy packed engine."""
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnn_core import kernels as K
+from bnn_core.packed import PackedLayer, PackedNetwork, pack_bits, preactivations_numpy
+
+needs_numba = pytest.mark.skipif(not K.FAST_KERNEL_AVAILABLE, reason="numba kernels not available")
+
+
+@contextmanager
+def force_parallel():
+    """Take the multi-threaded code paths even for tiny inputs."""
+    with mock.patch.object(K, "PARALLEL_MIN_WORK", 0):
+        yield
+
+
+@contextmanager
+def force_fallback():
+    """Behave as if numba had failed to compile: everything goes through the numpy path."""
+    with mock.patch.object(K, "_fast_failure", "forced by test"):
+        yield
+
+
+def random_layer(rng, n_in, n_out, zero_fraction):
+    w = rng.choice([-1, 1], (n_out, n_in)) * (rng.random((n_out, n_in)) >= zero_fraction)
+    b = rng.choice([-1, 1], n_out)
+    return w, b
+
+
+def integer_matmul(x_pm1, w, b):
+    return x_pm1.astype(np.int64) @ w.T.astype(np.int64) + b
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 70),
+    n_in=st.one_of(st.integers(1, 300), st.sampled_from([64, 128, 192, 256])),
+    n_out=st.integers(1, 150),
+    zero_fraction=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+    parallel=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_kernel_equals_numpy_engine_and_integer_matmul(n, n_in, n_out, zero_fraction, parallel, seed):
+    rng = np.random.default_rng(seed)
+    w, b = random_layer(rng, n_in, n_out, zero_fraction)
+    x = rng.choice([-1, 1], (n, n_in))
+    layer = PackedLayer.from_ternary(w, b)
+    words = pack_bits(x > 0)
+    offset = K.layer_offset(layer)
+    expected = preactivations_numpy(words, layer)
+    np.testing.assert_array_equal(expected, integer_matmul(x, w, b))
+    with force_parallel() if parallel else mock.patch.object(K, "PARALLEL_MIN_WORK", 1 << 60):
+        got = K.preactivations(words, layer.signs, layer.mask, offset)
+        bits = K.forward_layer_bits(words, layer.signs, layer.mask, offset)
+    assert got.dtype == np.int32 and got.shape == (n, n_out)
+    np.testing.assert_array_equal(got, expected)
+    assert bits.dtype == np.uint64 and bits.shape == (n, -(-n_out // 64))
+    np.testing.assert_array_equal(bits, pack_bits(expected >= 0))
+    # The numpy fallback, called directly, gives the same integers.
+    np.testing.assert_array_equal(K.preactivations_fallback(words, layer.signs, layer.mask, offset), expected)
+    np.testing.assert_array_equal(K.forward_layer_bits_fallback(words, layer.signs, layer.mask, offset), bits)
+
+
+@pytest.mark.parametrize("zero_fraction", [0.0, 1.0])
+def test_full_and_all_zero_masks(zero_fraction):
+    rng = np.random.default_rng(3)
+    w, b = random_layer(rng, 200, 130, zero_fraction)
+    x = rng.choice([-1, 1], (9, 200))
+    layer = PackedLayer.from_ternary(w, b)
+    got = K.preactivations(pack_bits(x > 0), layer.signs, layer.mask, K.layer_offset(layer))
+    np.testing.assert_array_equal(got, integer_matmul(x, w, b))
+    if zero_fraction == 1.0:
+        np.testing.assert_array_equal(got, np.broadcast_to(b, got.shape))  # only the bias is left
+
+
+def test_ties_at_zero_happen_and_give_bit_one():
+    """Small widths with zeros: a = 0 must occur, and sign(0) = +1 must set the output bit."""
+    rng = np.random.default_rng(0)
+    ties = 0
+    for n_in in (2, 3, 4, 6, 8):
+        w, b = random_layer(rng, n_in, 70, 0.5)
+        x = rng.choice([-1, 1], (40, n_in))
+        layer = PackedLayer.from_ternary(w, b)
+        words = pack_bits(x > 0)
+        offset = K.layer_offset(layer)
+        a = K.preactivations(words, layer.signs, layer.mask, offset)
+        np.testing.assert_array_equal(a, integer_matmul(x, w, b))
+        bits = K.forward_layer_bits(words, layer.signs, layer.mask, offset)
+        np.testing.assert_array_equal(bits, pack_bits(a >= 0))
+        zero_rows, zero_units = np.nonzero(a == 0)
+        ties += len(zero_rows)
+        if len(zero_rows):
+            set_bits = (bits[zero_rows, zero_units // 64] >> (zero_units % 64).astype(np.uint64)) & np.uint64(1)
+            assert set_bits.all()
+    assert ties > 0
+
+
+def test_unmasked_kernel_ignores_padding_bits_set_by_the_caller():
+    """Layers without zeros take the sign-only kernel; stray bits past n_in (in x or in the sign plane)
+    must not count, as in the masked math."""
+    rng = np.random.default_rng(2)
+    w, b = random_layer(rng, 100, 70, 0.0)
+    x = rng.choice([-1, 1], (12, 100))
+    layer = PackedLayer.from_ternary(w, b)
+    offset = K.layer_offset(layer)
+    assert not K.prepare_layer(layer.signs, layer.mask, offset).masked
+    words = pack_bits(x > 0)
+    noisy_words = words | np.array([0, ~np.uint64(0) << np.uint64(36)], dtype=np.uint64)  # bits 100..127
+    noisy_signs = layer.signs | np.array([0, ~np.uint64(0) << np.uint64(36)], dtype=np.uint64)
+    expected = integer_matmul(x, w, b)
+    np.testing.assert_array_equal(K.preactivations(noisy_words, noisy_signs, layer.mask, offset), expected)
+    np.testing.assert_array_equal(words, pack_bits(x > 0))  # the caller's array is left alone
+    np.testing.assert_array_equal(
+        K.forward_layer_bits(noisy_words, layer.signs, layer.mask, offset), pack_bits(expected >= 0)
+    )
+
+
+def test_network_with_all_zero_trailing_columns_keeps_the_mask():
+    # Every row's mask is the same run of leading ones (50 of 100 inputs): the layer must still ignore
+    # inputs 50..99 inside the fused network, whose inputs there are real features, not padding.
+    rng = np.random.default_rng(4)
+    w, b = random_layer(rng, 100, 30, 0.0)
+    w[:, 50:] = 0
+    layers = [(w, b), random_layer(rng, 30, 10, 0.0)]
+    x = rng.random((20, 100)) > 0.5
+    packed = PackedNetwork.from_ternary(layers)
+    fast = K.KernelNetwork.from_packed(packed)
+    assert fast.layers[0].masked and not fast.layers[1].masked
+    np.testing.assert_array_equal(fast.forward_counts(x), packed.forward_counts(x))
+
+
+def test_output_bits_padding_is_zero_and_bit_order_matches_pack_bits():
+    # 70 units that all fire: word 0 all ones, word 1 has exactly bits 0..5.
+    w = np.ones((70, 5), dtype=int)
+    layer = PackedLayer.from_ternary(w, np.ones(70))
+    bits = K.forward_layer_bits(pack_bits(np.ones((1, 5), bool)), layer.signs, layer.mask, K.layer_offset(layer))
+    assert bits[0, 0] == np.uint64(2**64 - 1)
+    assert bits[0, 1] == np.uint64(0b111111)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 70),
+    n_in=st.integers(1, 300),
+    hidden=st.lists(st.integers(1, 150), min_size=0, max_size=3),
+    n_classes=st.integers(1, 12),
+    sparsity=st.sampled_from([0.0, 0.5, 0.9]),
+    parallel=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_kernel_network_equals_packed_network(n, n_in, hidden, n_classes, sparsity, parallel, seed):
+    rng = np.random.default_rng(seed)
+    sizes = [n_in, *hidden, n_classes]
+    layers = [random_layer(rng, sizes[i], sizes[i + 1], sparsity) for i in range(len(sizes) - 1)]
+    x = rng.random((n, n_in)) > 0.5
+    packed = PackedNetwork.from_ternary(layers)
+    fast = K.KernelNetwork.from_packed(packed)
+    expected = packed.forward_counts(x)
+    with force_parallel() if parallel else mock.patch.object(K, "PARALLEL_MIN_WORK", 1 << 60):
+        got = fast.forward_counts(x)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(fast.forward_counts(np.where(x, 1, -1)), expected)  # +-1 input
+    np.testing.assert_array_equal(fast.predict(x), packed.predict(x))
+
+
+def test_kernel_network_parallel_over_many_row_chunks():
+    rng = np.random.default_rng(5)
+    layers = [random_layer(rng, 100, 130, 0.2), random_layer(rng, 130, 70, 0.0), random_layer(rng, 70, 10, 0.5)]
+    x = rng.random((K.CHUNK_ROWS * 5 + 7, 100)) > 0.5
+    packed = PackedNetwork.from_ternary(layers)
+    with force_parallel():
+        got = K.KernelNetwork.from_packed(packed).forward_counts(x)
+    np.testing.assert_array_equal(got, packed.forward_counts(x))
+
+
+def test_fallback_path_gives_identical_results():
+    rng = np.random.default_rng(7)
+    layers = [random_layer(rng, 150, 90, 0.3), random_layer(rng, 90, 10, 0.0)]
+    x = rng.random((33, 150)) > 0.5
+    packed = PackedNetwork.from_ternary(layers)
+    fast = K.KernelNetwork.from_packed(packed)
+    layer = packed.layers[0]
+    words = pack_bits(x)
+    args = (words, layer.signs, layer.mask, K.layer_offset(layer))
+    fast_results = (fast.forward_counts(x), K.preactivations(*args), K.forward_layer_bits(*args), K.pack_input_bits(x))
+    with force_fallback():
+        assert K.kernel_name().startswith("numpy-fallback")
+        slow_results = (
+            fast.forward_counts(x),
+            K.preactivations(*args),
+            K.forward_layer_bits(*args),
+            K.pack_input_bits(x),
+        )
+    for fast_r, slow_r in zip(fast_results, slow_results, strict=True):
+        np.testing.assert_array_equal(fast_r, slow_r)
+    np.testing.assert_array_equal(fast_results[0], packed.forward_counts(x))
+
+
+@needs_numba
+def test_compilation_failure_switches_to_numpy_with_a_warning():
+    rng = np.random.default_rng(8)
+    layers = [random_layer(rng, 40, 20, 0.3), random_layer(rng, 20, 3, 0.0)]
+    x = rng.random((5, 40)) > 0.5
+    packed = PackedNetwork.from_ternary(layers)
+    fast = K.KernelNetwork.from_packed(packed)
+
+    def broken(*args):
+        raise RuntimeError("LLVM IR parsing error (simulated)")
+
+    with mock.patch.object(K, "_fast_failure", None), mock.patch.object(K, "_network_serial", broken):
+        with pytest.warns(UserWarning, match="fast kernel unavailable"):
+            got = fast.forward_counts(x)
+        assert K.kernel_name().startswith("numpy-fallback (compilation failed: RuntimeError")
+        np.testing.assert_array_equal(got, packed.forward_counts(x))
+    assert K.kernel_name().startswith("numba-xnor-popcount")
+
+
+def test_without_numba_everything_runs_on_numpy():
+    code = (
+        "import sys; sys.modules['numba'] = None; sys.modules['llvmlite'] = None\n"
+        "import numpy as np\n"
+        "from bnn_core import kernels as K\n"
+        "from bnn_core.packed import PackedNetwork\n"
+        "assert not K.FAST_KERNEL_AVAILABLE and K.kernel_name().startswith('numpy-fallback')\n"
+        "rng = np.random.default_rng(0)\n"
+        "w0, w1 = rng.choice([-1, 0, 1], (30, 50)), rng.choice([-1, 1], (4, 30))\n"
+        "net = PackedNetwork.from_ternary([(w0, rng.choice([-1, 1], 30)), (w1, rng.choice([-1, 1], 4))])\n"
+        "x = rng.random((9, 50)) > 0.5\n"
+        "assert (K.KernelNetwork.from_packed(net).forward_counts(x) == net.forward_counts(x)).all()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(0, 40), n_in=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
+def test_pack_input_bits_equals_pack_bits(n, n_in, seed):
+    bits = np.random.default_rng(seed).random((n, 2 * n_in)) > 0.5
+    np.testing.assert_array_equal(K.pack_input_bits(bits[:, :n_in]), pack_bits(bits[:, :n_in]))
+    np.testing.assert_array_equal(K.pack_input_bits(bits[:, ::2]), pack_bits(bits[:, ::2]))  # not contiguous
+
+
+@needs_numba
+def test_naive_numba_kernel_agrees():
+    rng = np.random.default_rng(11)
+    w, b = random_layer(rng, 300, 75, 0.4)
+    x = rng.choice([-1, 1], (20, 300))
+    layer = PackedLayer.from_ternary(w, b)
+    words = pack_bits(x > 0)
+    got = K.preactivations_naive(words, layer.signs, layer.mask, K.layer_offset(layer))
+    np.testing.assert_array_equal(got, integer_matmul(x, w, b))
+
+
+def test_empty_batch_and_bad_shapes():
+    rng = np.random.default_rng(1)
+    layer = PackedLayer.from_ternary(*random_layer(rng, 70, 20, 0.0))
+    offset = K.layer_offset(layer)
+    empty = np.zeros((0, 2), np.uint64)
+    assert K.preactivations(empty, layer.signs, layer.mask, offset).shape == (0, 20)
+    assert K.forward_layer_bits(empty, layer.signs, layer.mask, offset).shape == (0, 1)
+    with pytest.raises(ValueError):
+        K.preactivations(np.zeros((3, 3), np.uint64), layer.signs, layer.mask, offset)
+    with pytest.raises(ValueError):
+        K.preactivations(np.zeros((3, 2), np.uint64), layer.signs, layer.mask, offset[:5])
+
+
+@pytest.mark.skipif(os.environ.get("BNN_DISABLE_FAST_KERNEL", "") not in ("", "0"), reason="disabled on purpose")
+def test_fast_kernel_is_available_here():
+    """numba is a dependency: if the fast kernel is missing, the install is broken."""
+    assert K.FAST_KERNEL_AVAILABLE
+    assert K.kernel_name().startswith("numba-xnor-popcount")
