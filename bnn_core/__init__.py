@@ -1,7 +1,24 @@
 """bitwise-nn core library: data, input binarizers, the two networks of Kim & Smaragdis (2016), their
-Lightning modules, the packed-bit inference engine and the cost model. No Hydra, MLflow or fixed paths.
+Lightning modules, the packed-bit inference engine, the exported model file and the cost model.
+No Hydra, MLflow or fixed paths.
+
+Deploying a trained model takes one import::
+
+    from bnn_core import load_bitwise_model
+    model = load_bitwise_model("models/bnn.npz")
+    classes = model.predict(pixels_uint8)        # [n, 784] raw 0..255 pixels in
 """
 
 from bnn_core.errors import BnnError, ConfigError, DataError, ModelFileError, TrainingDivergedError
+from bnn_core.model_file import BitwiseModel, load_bitwise_model, save_bitwise_model
 
-__all__ = ["BnnError", "ConfigError", "DataError", "ModelFileError", "TrainingDivergedError"]
+__all__ = [
+    "BitwiseModel",
+    "BnnError",
+    "ConfigError",
+    "DataError",
+    "ModelFileError",
+    "TrainingDivergedError",
+    "load_bitwise_model",
+    "save_bitwise_model",
+]

@@ -43,7 +43,11 @@ def split_source(source: SourceData, val_size: int, test_size: int | None, seed:
 
 @dataclass(frozen=True)
 class FeatureSplits:
-    """Encoded inputs ``x_<split>`` (float32; +-1 for binary encoders) and labels ``y_<split>``."""
+    """Encoded inputs ``x_<split>`` (float32; +-1 for binary encoders) and labels ``y_<split>``.
+
+    ``pixels_test`` keeps the raw uint8 test images, so that an exported model (which binarizes raw
+    pixels itself) can be checked end to end against the training-time simulation.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -51,6 +55,7 @@ class FeatureSplits:
     y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    pixels_test: np.ndarray
 
     @property
     def n_features(self) -> int:
@@ -63,12 +68,16 @@ class FeatureSplits:
             images: LabelledImages = getattr(raw, split)
             parts[f"x_{split}"] = encoder.encode(images.pixels)
             parts[f"y_{split}"] = images.labels.astype(np.int64)
-        return cls(**parts)
+        return cls(**parts, pixels_test=raw.test.pixels.astype(np.uint8))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Compact arrays for an ``.npz``: bipolar inputs as packed bits (8 per byte), real ones as float32."""
         binary = bool(np.isin(self.x_train, (-1.0, 1.0)).all())
-        arrays: dict[str, np.ndarray] = {"n_features": np.array(self.n_features), "packed": np.array(binary)}
+        arrays: dict[str, np.ndarray] = {
+            "n_features": np.array(self.n_features),
+            "packed": np.array(binary),
+            "pixels_test": self.pixels_test,
+        }
         for split in SPLITS:
             x = getattr(self, f"x_{split}")
             arrays[f"x_{split}"] = np.packbits(x > 0, axis=1) if binary else x.astype(np.float32)
@@ -85,7 +94,7 @@ class FeatureSplits:
                 x = np.where(np.unpackbits(x, axis=1, count=n_features).astype(bool), 1.0, -1.0)
             parts[f"x_{split}"] = x.astype(np.float32)
             parts[f"y_{split}"] = arrays[f"y_{split}"].astype(np.int64)
-        return cls(**parts)
+        return cls(**parts, pixels_test=arrays["pixels_test"].astype(np.uint8))
 
     def is_binary(self) -> bool:
         return bool(np.isin(self.x_train, (-1.0, 1.0)).all())

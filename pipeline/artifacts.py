@@ -1,16 +1,10 @@
-"""Where each stage's outputs live (relative to the run's root folder), and how they are written.
+"""Where each stage's outputs live (relative to the run's root folder), and how they are read and written.
 
-Every output is written to a temporary name in its folder and renamed into place only when complete,
-so a killed or failing stage never leaves a file that looks finished.
+All writes go through :func:`pipeline.files.atomic_path`: a killed stage leaves no finished-looking file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +14,7 @@ import torch
 
 from bnn_core.data_module import FeatureSplits
 from bnn_core.errors import DataError
+from pipeline.files import atomic_path
 
 
 @dataclass(frozen=True)
@@ -45,6 +40,10 @@ class Artifacts:
         return self.root / "models" / "finetuned.pt"
 
     @property
+    def bnn_model(self) -> Path:
+        return self.root / "models" / "bnn.npz"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "reports" / "metrics.json"
 
@@ -55,29 +54,21 @@ class Artifacts:
     def history(self, stage: str) -> Path:
         return self.root / "reports" / f"{stage}_history.csv"
 
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def stage_inputs(self) -> list[Path]:
+        """Files a later stage may read from an earlier one."""
+        return [self.features, self.input_encoder, self.pretrained, self.finetuned]
 
 
-def write_json(path: Path, payload: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+def link_inputs(source: Artifacts, dest: Artifacts) -> None:
+    """Symlink ``source``'s existing stage files into ``dest`` where ``dest`` has none.
 
-
-def write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    A stage then reads earlier stages' outputs through the links and writes its own outputs into
+    ``dest`` (the atomic rename replaces the link, never the file it points to).
+    """
+    for src, dst in zip(source.stage_inputs(), dest.stage_inputs(), strict=True):
+        if src.is_file() and not dst.exists() and src.resolve() != dst.resolve():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(src.resolve())
 
 
 def write_features(path: Path, splits: FeatureSplits) -> None:

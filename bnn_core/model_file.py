@@ -1,0 +1,557 @@
+"""The exported bitwise model: one uncompressed ``.npz`` file that takes raw 0..255 pixels to class ids.
+
+A :class:`BitwiseModel` is the input binarizer (an encoder of :mod:`bnn_core.input_encoders`) plus a
+:class:`~bnn_core.packed.PackedNetwork`. :func:`save_bitwise_model` writes it (``models/bnn.npz``),
+:func:`load_bitwise_model` reads it back and refuses, with a :class:`~bnn_core.errors.ModelFileError`
+whose message starts with the path, anything that is not exactly such a file.
+
+File format, version 1
+----------------------
+
+An ``.npz`` archive: a zip of ``.npy`` members (written by ``numpy.lib.format.write_array``), stored
+uncompressed (``ZIP_STORED``) with a fixed timestamp (1980-01-01) in a fixed order, so the same model
+always gives the same bytes (``numpy.savez`` would stamp the current time). It is read with
+``numpy.load(path, allow_pickle=False)`` only; pickled data is never loaded. Every member is a
+one-dimensional array:
+
+=================  ================  =====================================================================
+member             dtype             content
+=================  ================  =====================================================================
+``header``         ``uint8 [h]``     UTF-8 JSON object (canonical: sorted keys, no spaces, ASCII)
+``signs_<i>``      ``<u8 [w]``       layer ``i``'s sign plane, ``w = ceil(n_out * n_in / 64)`` words
+``mask_<i>``       ``<u8 [w]``       layer ``i``'s nonzero mask; only when the layer has zero weights
+``biases``         ``<u8 [b]``       bias signs of all layers, input layer first, ``b = ceil(sum n_out / 64)``
+=================  ================  =====================================================================
+
+Bit planes are bit-contiguous, *not* padded per row: the ``[n_out, n_in]`` matrix is flattened row
+major and its element ``k = r * n_in + c`` is bit ``k % 64`` of word ``k // 64`` (little-endian
+uint64, the packed engine's order); ``biases`` is the layers' ``[n_out]`` bias vectors concatenated,
+in the same bit order. Bit 1 means +1 in a sign plane (and in the bias), nonzero in a
+mask; a zero weight has sign bit 0 and mask bit 0; unused bits of the last word are 0. A layer with
+no ``mask_<i>`` member has no zero weights. The loader re-pads rows into the engine's
+``uint64 [n_out, ceil(n_in / 64)]`` words. On disk a model therefore takes the bits the cost report
+(:mod:`bnn_core.cost`) counts -- a sign bit per weight, a mask bit per weight for layers with zeros,
+a bit per bias -- plus a fixed overhead: ``204 + 2 * len(member name)`` bytes per member (zip local header
+30, zip central directory 46, ``.npy`` header 128), 22 bytes of zip trailer, the JSON header and at
+most 63 bits of word padding per member. For the paper's 784-1024-1024-1024-10 network that overhead
+is about 2.7 KB with masks and 1.8 KB without, before metadata (``tests/test_model_file.py`` checks
+it stays within 4 KiB). The header grows with ``metadata`` and with a ``lloyd_max`` encoder's levels
+(about 19 bytes each: 300 bytes at 4 bits, 5 KB at 8 bits, which then exceeds that bound).
+
+Header fields (all required, no others):
+
+- ``format``: ``"bitwise-nn-model"``; ``format_version``: ``1`` (other versions are refused);
+- ``n_pixels``: raw pixels per image; ``encoder``: the input binarizer's ``to_dict()`` (a binary one:
+  ``threshold`` or ``lloyd_max``), which turns ``n_pixels`` pixels into layer 0's ``n_in`` bits;
+- ``layers``: ``[{"n_in": int, "n_out": int, "mask": bool}, ...]``, input layer first; each layer's
+  ``n_out`` is the next one's ``n_in``; the last ``n_out`` is the number of classes;
+- ``sign_of_zero``: ``1`` (hidden units output ``a >= 0``, :data:`bnn_core.quantizers.SIGN_OF_ZERO`);
+  ``argmax_ties``: ``"lowest_index"`` (the predicted class is the first maximum of the last layer);
+- ``metadata``: free JSON object (training config, accuracy, ...);
+- ``sha256``: hex digest (:func:`content_hash`) of ``b"bitwise-nn-model content\\n"`` followed by, each
+  framed by its length as 8 little-endian bytes: the canonical JSON of the header without ``sha256``,
+  then for every other member in name order its name, ``dtype.str``, JSON shape and raw bytes.
+
+Members are written in the order ``header``, then per layer ``signs_<i>`` and ``mask_<i>``, then
+``biases``; the reader does not depend on the order. Version history: 1 is the first format.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import struct
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+from bnn_core.errors import ConfigError, DataError, ModelFileError
+from bnn_core.input_encoders import LloydMaxEncoder, ThresholdEncoder, encoder_from_dict
+from bnn_core.packed import PackedLayer, PackedNetwork, n_words, pack_bits, unpack_bits
+
+if TYPE_CHECKING:
+    from bnn_core.kernels import KernelNetwork
+
+FORMAT_NAME = "bitwise-nn-model"
+FORMAT_VERSION = 1
+ARGMAX_TIES = "lowest_index"
+#: sign(0) = +1: the rule of :func:`bnn_core.packed.sign_bits` and :data:`bnn_core.quantizers.SIGN_OF_ZERO`,
+#: restated here so reading a model file does not import torch (a test checks the two agree).
+SIGN_OF_ZERO = 1
+WORD_DTYPE = np.dtype("<u8")
+ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)
+HEADER_KEYS = frozenset(
+    {"format", "format_version", "n_pixels", "encoder", "layers", "sign_of_zero", "argmax_ties", "metadata", "sha256"}
+)
+LAYER_KEYS = frozenset({"n_in", "n_out", "mask"})
+#: Largest header accepted (bytes); a real one is well under 1 KB plus metadata.
+MAX_HEADER_BYTES = 1 << 20
+
+#: What numpy / zipfile / json raise on a damaged or foreign file. Only ModelFileError leaves the loader.
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    struct.error,
+    NotImplementedError,
+    RuntimeError,
+    MemoryError,
+    OverflowError,
+    SyntaxError,
+)
+
+BinaryEncoder = ThresholdEncoder | LloydMaxEncoder
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one byte string a JSON value is stored and hashed as."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def content_hash(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the header without its ``sha256`` field and the arrays (all members but ``header``)."""
+    digest = hashlib.sha256(b"bitwise-nn-model content\n")
+
+    def frame(data: bytes) -> None:
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+
+    frame(canonical_json({k: v for k, v in header.items() if k != "sha256"}))
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        frame(name.encode("utf-8"))
+        frame(array.dtype.str.encode("ascii"))
+        frame(canonical_json(list(array.shape)))
+        frame(array.tobytes())
+    return digest.hexdigest()
+
+
+def _layer_problem(encoder: Any, n_pixels: int, dims: list[tuple[int, int]]) -> str | None:
+    """Why an encoder and layer dimensions ``[(n_in, n_out), ...]`` do not form a model (None if they do)."""
+    if not dims:
+        return "a model needs at least one layer"
+    if not getattr(encoder, "is_binary", False):
+        return f"input encoder {getattr(encoder, 'name', encoder)!r} is not binary; a bitwise model needs bit inputs"
+    for i in range(len(dims) - 1):
+        if dims[i][1] != dims[i + 1][0]:
+            return (
+                f"layer shapes disagree: layer {i} has {dims[i][1]} outputs "
+                f"but layer {i + 1} has {dims[i + 1][0]} inputs"
+            )
+    features = encoder.n_features(n_pixels)
+    if features != dims[0][0]:
+        return (
+            f"input encoder {encoder.name!r} turns {n_pixels} pixels into {features} bits "
+            f"but layer 0 takes {dims[0][0]} inputs"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class BitwiseModel:
+    """Input binarizer + packed network: raw uint8 pixels ``[n, n_pixels]`` in, class ids out."""
+
+    encoder: BinaryEncoder
+    network: PackedNetwork
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        layers = self.network.layers
+        dims = [(layer.n_in, layer.n_out) for layer in layers]
+        per_pixel = self.encoder.n_features(1) if getattr(self.encoder, "is_binary", False) else 1
+        problem = _layer_problem(self.encoder, dims[0][0] // per_pixel if dims else 0, dims)
+        if problem:
+            raise ValueError(problem)
+        for i, layer in enumerate(layers):
+            if not np.isin(layer.bias, (-1, 1)).all():
+                raise ValueError(f"layer {i}: biases must be -1 or +1")
+        try:
+            if not isinstance(self.metadata, dict) or json.loads(canonical_json(self.metadata)) != self.metadata:
+                raise ValueError
+        except (TypeError, ValueError, RecursionError):
+            raise ValueError(
+                "metadata must be a JSON object (str keys; lists, numbers, strings, bools, null)"
+            ) from None
+
+    @classmethod
+    def from_layers(
+        cls,
+        encoder: BinaryEncoder,
+        layers: list[tuple[np.ndarray, np.ndarray]],
+        metadata: dict[str, Any] | None = None,
+    ) -> BitwiseModel:
+        """From ternary ``W int8 [n_out, n_in]`` in {-1, 0, 1} and ``b int8 [n_out]`` in {-1, 1}, input layer first."""
+        for i, (w, b) in enumerate(layers):
+            w, b = np.asarray(w), np.asarray(b)
+            if w.ndim != 2 or b.shape != (w.shape[0],):
+                raise ValueError(f"layer {i}: weights {w.shape} and bias {b.shape} are not [n_out, n_in] and [n_out]")
+            if not np.isin(w, (-1, 0, 1)).all():
+                raise ValueError(f"layer {i}: weights must be -1, 0 or +1")
+        return cls(encoder, PackedNetwork.from_ternary(list(layers)), dict(metadata or {}))
+
+    @property
+    def n_pixels(self) -> int:
+        return self.network.n_in // self.encoder.n_features(1)
+
+    @property
+    def n_classes(self) -> int:
+        return self.network.layers[-1].n_out
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        return [self.network.n_in, *(layer.n_out for layer in self.network.layers)]
+
+    def ternary_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The weights ``int8 [n_out, n_in]`` and biases ``int8 [n_out]`` of every layer (for cost reports)."""
+        return [layer.to_ternary() for layer in self.network.layers]
+
+    def _bits(self, pixels: np.ndarray) -> np.ndarray:
+        pixels = np.asarray(pixels)
+        if pixels.ndim != 2 or pixels.shape[1] != self.n_pixels:
+            raise DataError(
+                f"the model takes images of {self.n_pixels} pixels as [n, {self.n_pixels}], got {pixels.shape}"
+            )
+        if pixels.dtype != np.uint8:
+            if not np.issubdtype(pixels.dtype, np.integer) or (
+                pixels.size and (pixels.min() < 0 or pixels.max() > 255)
+            ):
+                raise DataError(f"pixels must be uint8 values 0..255, got {pixels.dtype}")
+            pixels = pixels.astype(np.uint8)
+        return self.encoder.encode_bits(pixels)
+
+    @functools.cached_property
+    def engine(self) -> KernelNetwork:
+        """The network in the fast kernel's layout (built once; numpy fallback inside when numba is absent)."""
+        from bnn_core.kernels import KernelNetwork  # numba loads only when a model actually runs
+
+        return KernelNetwork.from_packed(self.network)
+
+    def forward_counts(self, pixels: np.ndarray) -> np.ndarray:
+        """Integer pre-activations ``int32 [n, n_classes]`` of the last layer."""
+        return self.engine.forward_counts(self._bits(pixels))
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """Class ids ``int64 [n]``: argmax of :meth:`forward_counts`, ties to the lowest index."""
+        return self.forward_counts(pixels).argmax(axis=1).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _plane_words(bits: np.ndarray) -> np.ndarray:
+    """Bit-contiguous words of a boolean matrix, flattened row major (no per-row padding)."""
+    return pack_bits(np.asarray(bits, dtype=bool).ravel()).astype(WORD_DTYPE)
+
+
+def encode_model(model: BitwiseModel) -> dict[str, np.ndarray]:
+    """The members of a model file, ``header`` included (its ``sha256`` filled in)."""
+    arrays: dict[str, np.ndarray] = {}
+    layer_specs = []
+    for i, layer in enumerate(model.network.layers):
+        mask = unpack_bits(layer.mask, layer.n_in)
+        signs = unpack_bits(layer.signs, layer.n_in) & mask
+        has_zeros = not bool(mask.all())
+        arrays[f"signs_{i}"] = _plane_words(signs)
+        if has_zeros:
+            arrays[f"mask_{i}"] = _plane_words(mask)
+        layer_specs.append({"n_in": layer.n_in, "n_out": layer.n_out, "mask": has_zeros})
+    arrays["biases"] = _plane_words(np.concatenate([layer.bias > 0 for layer in model.network.layers]))
+    header: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "n_pixels": model.n_pixels,
+        "encoder": model.encoder.to_dict(),
+        "layers": layer_specs,
+        "sign_of_zero": SIGN_OF_ZERO,
+        "argmax_ties": ARGMAX_TIES,
+        "metadata": model.metadata,
+    }
+    header["sha256"] = content_hash(header, arrays)
+    return {"header": np.frombuffer(canonical_json(header), dtype=np.uint8), **arrays}
+
+
+def write_npz(handle: IO[bytes], members: dict[str, np.ndarray]) -> None:
+    """What ``np.savez`` writes, minus the clock: ``<name>.npy`` members, uncompressed, fixed timestamp."""
+    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in members.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_TIMESTAMP)
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, buffer.getvalue(), compress_type=zipfile.ZIP_STORED)
+
+
+def save_bitwise_model(path: str | Path, model: BitwiseModel) -> int:
+    """Write ``model`` to ``path`` atomically (temporary file beside it, then rename); returns the bytes written."""
+    path = Path(path)
+    members = encode_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write_npz(handle, members)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have created
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return path.stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _read_members(path: Path) -> dict[str, Any]:
+    """Every member of the archive as numpy gives it (arrays; raw bytes for a non-.npy member)."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except _READ_ERRORS as err:
+        # numpy's message for a pickle suggests loading it unsafely: not advice a model loader should pass on.
+        reason = "not a zip archive; pickled data is never loaded" if "pickle" in str(err) else _describe(err)
+        raise ModelFileError(f"{path}: not a readable .npz archive ({reason})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ModelFileError(f"{path}: a single .npy array, not an .npz model archive")
+    size = path.stat().st_size
+    with loaded as npz:
+        try:
+            infos = npz.zip.infolist()
+            names = [info.filename for info in infos]
+            if len(set(names)) != len(names):
+                raise ModelFileError(f"{path}: the archive holds duplicate members")
+            for info in infos:
+                if not info.filename.endswith(".npy"):
+                    raise ModelFileError(f"{path}: unexpected member {info.filename!r} (not an .npy array)")
+                if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+                    raise ModelFileError(
+                        f"{path}: member {info.filename!r} is compressed or encrypted; "
+                        "the format stores members uncompressed"
+                    )
+                if info.file_size > size:
+                    raise ModelFileError(
+                        f"{path}: member {info.filename!r} claims {info.file_size} bytes, more than the file"
+                    )
+                _check_npy_header(path, npz.zip, info)
+            return {name: npz[name] for name in npz.files}
+        except ModelFileError:
+            raise
+        except _READ_ERRORS as err:
+            raise ModelFileError(f"{path}: damaged archive ({_describe(err)})") from None
+
+
+def _check_npy_header(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    """Refuse a member whose ``.npy`` header asks for objects or for more data than the member holds,
+    before numpy allocates anything for it."""
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise ModelFileError(f"{path}: member {info.filename!r} has unsupported .npy version {version}")
+    if dtype.hasobject:
+        raise ModelFileError(f"{path}: member {info.filename!r} holds Python objects; pickled data is never loaded")
+    if math.prod(shape) * dtype.itemsize > info.file_size:
+        raise ModelFileError(f"{path}: member {info.filename!r} declares shape {shape}, more data than it holds")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite number {text}")
+    return value
+
+
+def _reject_constant(text: str) -> None:
+    raise ValueError(f"non-finite number {text}")
+
+
+def _parse_header(path: Path, raw: Any) -> dict[str, Any]:
+    if raw is None:
+        raise ModelFileError(f"{path}: missing member 'header'")
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 1:
+        raise ModelFileError(f"{path}: dtype mismatch: member 'header' must be uint8 [h] JSON bytes")
+    if raw.size > MAX_HEADER_BYTES:
+        raise ModelFileError(f"{path}: header of {raw.size} bytes is implausibly large")
+    try:
+        header = json.loads(raw.tobytes().decode("utf-8"), parse_float=_finite_float, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as err:
+        raise ModelFileError(f"{path}: header is not valid JSON ({_describe(err)})") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: header is not a JSON object")
+    if header.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{path}: not a bitwise-nn model file (header format {header.get('format')!r})")
+    version = header.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: format version {version!r} is not supported (this reader reads version {FORMAT_VERSION})"
+        )
+    missing, extra = sorted(HEADER_KEYS - header.keys()), sorted(header.keys() - HEADER_KEYS)
+    if missing:
+        raise ModelFileError(f"{path}: header fields missing: {missing}")
+    if extra:
+        raise ModelFileError(f"{path}: unexpected header fields: {extra}")
+    return header
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 1
+
+
+def _check_header_fields(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
+    digest = header["sha256"]
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ModelFileError(f"{path}: header field sha256 is not a hex sha256 digest")
+    if header["sign_of_zero"] != SIGN_OF_ZERO or type(header["sign_of_zero"]) is not int:
+        raise ModelFileError(f"{path}: unsupported sign(0) rule {header['sign_of_zero']!r} (this engine uses +1)")
+    if header["argmax_ties"] != ARGMAX_TIES:
+        raise ModelFileError(f"{path}: unsupported argmax tie rule {header['argmax_ties']!r} (need {ARGMAX_TIES!r})")
+    if not isinstance(header["metadata"], dict):
+        raise ModelFileError(f"{path}: header field metadata is not a JSON object")
+    if not _is_count(header["n_pixels"]):
+        raise ModelFileError(f"{path}: header field n_pixels must be an integer >= 1, got {header['n_pixels']!r}")
+    layers = header["layers"]
+    if not isinstance(layers, list) or not layers:
+        raise ModelFileError(f"{path}: header field layers must be a non-empty list")
+    for i, spec in enumerate(layers):
+        if (
+            not isinstance(spec, dict)
+            or spec.keys() != LAYER_KEYS
+            or not _is_count(spec["n_in"])
+            or not _is_count(spec["n_out"])
+            or not isinstance(spec["mask"], bool)
+        ):
+            raise ModelFileError(f"{path}: header layer {i} must be {{n_in: int >= 1, n_out: int >= 1, mask: bool}}")
+    return layers
+
+
+def _check_encoder(path: Path, header: dict[str, Any], layers: list[dict[str, Any]]) -> BinaryEncoder:
+    spec = header["encoder"]
+    if not isinstance(spec, dict):
+        raise ModelFileError(f"{path}: header field encoder is not a JSON object")
+    try:
+        encoder = encoder_from_dict(spec)
+    except (ConfigError, ValueError, TypeError, OverflowError) as err:
+        raise ModelFileError(f"{path}: bad input encoder in header ({err})") from None
+    if encoder.to_dict() != spec:
+        raise ModelFileError(f"{path}: malformed input encoder in header ({spec!r})")
+    if isinstance(encoder, LloydMaxEncoder) and list(encoder.levels) != sorted(encoder.levels):
+        raise ModelFileError(f"{path}: lloyd_max encoder levels are not in increasing order")
+    problem = _layer_problem(encoder, header["n_pixels"], [(spec["n_in"], spec["n_out"]) for spec in layers])
+    if problem:
+        raise ModelFileError(f"{path}: {problem}")
+    return encoder
+
+
+def _expected_members(layers: list[dict[str, Any]]) -> dict[str, int]:
+    """Member name -> number of words, as the header's layers require."""
+    expected = {}
+    for i, spec in enumerate(layers):
+        plane = n_words(spec["n_in"] * spec["n_out"])
+        expected[f"signs_{i}"] = plane
+        if spec["mask"]:
+            expected[f"mask_{i}"] = plane
+    expected["biases"] = n_words(sum(spec["n_out"] for spec in layers))
+    return expected
+
+
+def _check_members(path: Path, arrays: dict[str, Any], layers: list[dict[str, Any]]) -> None:
+    expected = _expected_members(layers)
+    missing, extra = sorted(expected.keys() - arrays.keys()), sorted(arrays.keys() - expected.keys())
+    if missing:
+        raise ModelFileError(f"{path}: missing members {missing} (the header declares them)")
+    if extra:
+        raise ModelFileError(f"{path}: unexpected members {extra} (the header does not declare them)")
+    for name, words in expected.items():
+        array = arrays[name]
+        if not isinstance(array, np.ndarray) or array.dtype != WORD_DTYPE:
+            got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+            raise ModelFileError(
+                f"{path}: dtype mismatch: member {name!r} is {got}, expected uint64 little-endian (<u8)"
+            )
+        if array.shape != (words,):
+            raise ModelFileError(
+                f"{path}: layer shape mismatch: member {name!r} has shape {array.shape}, the header's layer sizes "
+                f"need ({words},)"
+            )
+
+
+def _unpack_plane(path: Path, name: str, words: np.ndarray, n_bits: int) -> np.ndarray:
+    bits = unpack_bits(words, len(words) * 64)
+    if bits[n_bits:].any():
+        raise ModelFileError(f"{path}: member {name!r} has nonzero padding bits")
+    return bits[:n_bits]
+
+
+def _decode_layers(path: Path, arrays: dict[str, np.ndarray], layers: list[dict[str, Any]]) -> PackedNetwork:
+    packed = []
+    n_biases = np.cumsum([0] + [spec["n_out"] for spec in layers])
+    biases = _unpack_plane(path, "biases", arrays["biases"], int(n_biases[-1]))
+    for i, spec in enumerate(layers):
+        n_in, n_out = spec["n_in"], spec["n_out"]
+        signs = _unpack_plane(path, f"signs_{i}", arrays[f"signs_{i}"], n_in * n_out).reshape(n_out, n_in)
+        if spec["mask"]:
+            mask = _unpack_plane(path, f"mask_{i}", arrays[f"mask_{i}"], n_in * n_out).reshape(n_out, n_in)
+            if mask.all():
+                raise ModelFileError(f"{path}: layer {i} stores a mask but has no zero weights")
+            if (signs & ~mask).any():
+                raise ModelFileError(f"{path}: layer {i} has sign bits set on zero weights")
+        else:
+            mask = np.ones((n_out, n_in), dtype=bool)
+        bias = biases[n_biases[i] : n_biases[i + 1]]
+        packed.append(
+            PackedLayer(
+                signs=pack_bits(signs), mask=pack_bits(mask), bias=np.where(bias, 1, -1).astype(np.int8), n_in=n_in
+            )
+        )
+    return PackedNetwork(tuple(packed))
+
+
+def load_bitwise_model(path: str | Path) -> BitwiseModel:
+    """Read and check a model file; any problem is a ModelFileError starting with ``path``."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path}: file not found")
+    if not path.is_file():
+        raise ModelFileError(f"{path}: not a regular file")
+    arrays = _read_members(path)
+    header = _parse_header(path, arrays.pop("header", None))
+    layers = _check_header_fields(path, header)
+    encoder = _check_encoder(path, header, layers)
+    _check_members(path, arrays, layers)
+    try:
+        digest = content_hash(header, arrays)
+    except (ValueError, TypeError, RecursionError) as err:
+        raise ModelFileError(f"{path}: header cannot be serialized canonically ({_describe(err)})") from None
+    if digest != header["sha256"]:
+        raise ModelFileError(f"{path}: content hash mismatch: the file was modified or damaged after it was written")
+    network = _decode_layers(path, arrays, layers)
+    try:
+        return BitwiseModel(encoder=encoder, network=network, metadata=header["metadata"])
+    except ValueError as err:
+        raise ModelFileError(f"{path}: {err}") from None

@@ -1,0 +1,121 @@
+"""Run an exported bitwise model on raw images: ``python -m pipeline.predict images=<IDX images file>``.
+
+Keys (``conf/predict.yaml``): ``model_file`` (default ``models/bnn.npz``, a file written by
+:func:`bnn_core.model_file.save_bitwise_model`), ``images`` (required: an IDX file, optionally
+gzip-compressed, of uint8 images ``[n, ...]``; each image is flattened to its pixels, whose number must
+be the model's), ``labels`` (optional IDX file of ``n`` labels), ``output`` (optional file),
+``batch_size`` (images per forward pass). Relative paths are relative to the working directory.
+
+Output: the predicted class ids, one per line, go to ``output`` (written atomically; stdout then says
+how many were written where) or, when ``output`` is null, to stdout. With ``labels``, stdout ends with
+exactly one line ``accuracy=<fraction correct, 4 decimals> n=<number of images>``. Nothing else is
+written: no Hydra ``outputs/`` or ``.hydra/`` folder, no log file. An expected problem (missing or
+damaged model file, unreadable IDX file, pixel count or label count mismatch) ends the command with
+one line ``error: predict: <message>`` on stderr and exit status 2.
+
+Example::
+
+    python -m pipeline.predict model_file=models/bnn.npz \\
+        images=data/mnist/t10k-images-idx3-ubyte.gz labels=data/mnist/t10k-labels-idx1-ubyte.gz
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from bnn_core.datasets import read_idx
+from bnn_core.errors import BnnError, ConfigError, DataError
+from bnn_core.model_file import BitwiseModel, load_bitwise_model
+from pipeline.files import fail, write_text
+
+
+@dataclass
+class PredictConfig:
+    model_file: str = "models/bnn.npz"
+    images: str = MISSING
+    labels: str | None = None
+    output: str | None = None
+    batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size!r}")
+
+
+def validate_predict(cfg: DictConfig) -> PredictConfig:
+    """Check the composed ``conf/predict.yaml`` against :class:`PredictConfig`."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PredictConfig), cfg)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except MissingMandatoryValue as err:
+        key = getattr(err, "full_key", None) or "images"
+        raise ConfigError(f"{key}: missing value (pass {key}=<IDX file>)") from None
+    except OmegaConfBaseException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {getattr(err, 'msg', str(err)).splitlines()[0]}") from None
+
+
+def read_images(path: str | Path) -> np.ndarray:
+    """IDX images ``[n, ...]`` flattened to ``uint8 [n, pixels]``."""
+    images = read_idx(path)
+    if images.ndim < 2:
+        raise DataError(f"{path}: expected images [n, ...], got an array of shape {images.shape}")
+    if len(images) == 0:
+        raise DataError(f"{path}: holds no images")
+    return images.reshape(len(images), -1)
+
+
+def read_labels(path: str | Path, n_images: int) -> np.ndarray:
+    labels = read_idx(path)
+    if labels.ndim != 1:
+        raise DataError(f"{path}: expected a 1-d label array, got shape {labels.shape}")
+    if len(labels) != n_images:
+        raise DataError(f"{path}: holds {len(labels)} labels for {n_images} images")
+    return labels.astype(np.int64)
+
+
+def predict_in_batches(model: BitwiseModel, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([model.predict(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
+
+
+def predict(config: PredictConfig) -> None:
+    model = load_bitwise_model(config.model_file)
+    pixels = read_images(config.images)
+    if pixels.shape[1] != model.n_pixels:
+        raise DataError(
+            f"{config.images}: images have {pixels.shape[1]} pixels but the model {config.model_file} "
+            f"takes {model.n_pixels}"
+        )
+    labels = read_labels(config.labels, len(pixels)) if config.labels else None
+    predictions = predict_in_batches(model, pixels, config.batch_size)
+    lines = "".join(f"{c}\n" for c in predictions.tolist())
+    if config.output:
+        try:
+            write_text(Path(config.output), lines)
+        except OSError as err:
+            raise DataError(f"{config.output}: cannot write predictions ({err.strerror or err})") from None
+        print(f"predict: {len(predictions)} predictions -> {config.output}")
+    else:
+        print(lines, end="")
+    if labels is not None:
+        print(f"accuracy={float(np.mean(predictions == labels)):.4f} n={len(labels)}")
+
+
+@hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        predict(validate_predict(cfg))
+    except BnnError as err:
+        fail("predict", str(err))
+
+
+if __name__ == "__main__":
+    main()

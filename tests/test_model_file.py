@@ -1,0 +1,591 @@
+"""The exported model file: exact round trip, size = cost-report bits + small overhead, and a loader that
+refuses every damaged or foreign file with a ModelFileError (never anything else, never unpickling)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bnn_core.cost import cost_report
+from bnn_core.errors import DataError, ModelFileError
+from bnn_core.input_encoders import LloydMaxEncoder, RealScaler, ThresholdEncoder
+from bnn_core.model_file import (
+    SIGN_OF_ZERO,
+    BitwiseModel,
+    canonical_json,
+    content_hash,
+    encode_model,
+    load_bitwise_model,
+    save_bitwise_model,
+    write_npz,
+)
+from bnn_core.packed import PackedNetwork
+
+PAPER_SIZES = [784, 1024, 1024, 1024, 10]
+OVERHEAD_LIMIT = 4096
+
+
+def random_layers(rng, sizes, sparsity=0.0):
+    """Ternary weights with about ``sparsity`` zeros (a float, or one per layer) and binary biases."""
+    sparsities = sparsity if isinstance(sparsity, list | tuple) else [sparsity] * (len(sizes) - 1)
+    layers = []
+    for n_in, n_out, zeros in zip(sizes[:-1], sizes[1:], sparsities, strict=True):
+        w = rng.choice(np.array([-1, 1], dtype=np.int8), (n_out, n_in)) * (rng.random((n_out, n_in)) >= zeros)
+        layers.append((w.astype(np.int8), rng.choice(np.array([-1, 1], dtype=np.int8), n_out)))
+    return layers
+
+
+def small_model(seed=0, sparsity=(0.4, 0.0)):
+    rng = np.random.default_rng(seed)
+    return BitwiseModel.from_layers(ThresholdEncoder(100), random_layers(rng, [20, 9, 3], list(sparsity)), {"t": 1})
+
+
+def lloyd_encoder(bits, seed=0):
+    return LloydMaxEncoder.fit(np.random.default_rng(seed).integers(0, 256, 5000), bits)
+
+
+# ------------------------------------------------------------------------------------------- round trip
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    pixels=st.integers(1, 140),
+    hidden=st.lists(st.integers(1, 130), min_size=0, max_size=3),
+    n_classes=st.integers(1, 12),
+    sparsity=st.sampled_from([0.0, 0.3, 0.9, 1.0]),
+    encoder_bits=st.sampled_from([0, 1, 2, 3]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_round_trip_is_exact(pixels, hidden, n_classes, sparsity, encoder_bits, seed):
+    rng = np.random.default_rng(seed)
+    encoder = ThresholdEncoder(int(rng.integers(0, 255))) if encoder_bits == 0 else lloyd_encoder(encoder_bits, seed)
+    sizes = [encoder.n_features(pixels), *hidden, n_classes]
+    layers = random_layers(rng, sizes, [sparsity if rng.random() < 0.5 else 0.0 for _ in sizes[1:]])
+    model = BitwiseModel.from_layers(encoder, layers, {"seed": seed, "sizes": sizes, "name": "x"})
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "bnn.npz"
+        written = save_bitwise_model(path, model)
+        assert written == path.stat().st_size
+        loaded = load_bitwise_model(path)
+
+    assert loaded.encoder == encoder
+    assert loaded.metadata == model.metadata
+    assert loaded.layer_sizes == sizes
+    assert loaded.n_pixels == pixels
+    for (w, b), (w2, b2) in zip(layers, loaded.ternary_layers(), strict=True):
+        np.testing.assert_array_equal(w2, w)
+        np.testing.assert_array_equal(b2, b)
+    x = rng.integers(0, 256, (23, pixels), dtype=np.uint8)
+    direct = PackedNetwork.from_ternary(layers).forward_counts(encoder.encode_bits(x))
+    counts = loaded.forward_counts(x)
+    assert counts.dtype == np.int32
+    assert counts.shape == (23, n_classes)
+    np.testing.assert_array_equal(counts, direct)
+    predictions = loaded.predict(x)
+    assert predictions.dtype == np.int64
+    np.testing.assert_array_equal(predictions, direct.argmax(axis=1))
+    np.testing.assert_array_equal(predictions, model.predict(x))
+
+
+def test_mask_members_only_for_layers_with_zeros(tmp_path):
+    model = small_model(sparsity=(0.4, 0.0))
+    save_bitwise_model(tmp_path / "m.npz", model)
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as npz:
+        assert sorted(npz.files) == ["biases", "header", "mask_0", "signs_0", "signs_1"]
+        assert all(npz[name].dtype == np.dtype("<u8") for name in npz.files if name != "header")
+        assert npz["signs_0"].shape == (math.ceil(9 * 20 / 64),)  # bit-contiguous: no per-row padding
+        header = json.loads(npz["header"].tobytes())
+    with zipfile.ZipFile(tmp_path / "m.npz") as archive:
+        assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
+    assert header["layers"] == [{"n_in": 20, "n_out": 9, "mask": True}, {"n_in": 9, "n_out": 3, "mask": False}]
+    assert header["format_version"] == 1
+    assert header["sign_of_zero"] == 1
+    assert header["argmax_ties"] == "lowest_index"
+    assert header["encoder"] == {"method": "threshold", "threshold": 100}
+
+
+def test_bit_order_on_disk_is_row_major_feature_k_in_word_k_div_64():
+    w = -np.ones((3, 70), dtype=np.int8)
+    w[0, 0] = w[0, 69] = w[1, 0] = w[2, 63] = 1
+    members = encode_model(BitwiseModel.from_layers(ThresholdEncoder(), [(w, np.array([1, -1, 1], np.int8))]))
+    set_bits = np.flatnonzero(np.unpackbits(members["signs_0"].view(np.uint8), bitorder="little"))
+    assert set_bits.tolist() == [0, 69, 70, 2 * 70 + 63]
+    assert members["biases"].tolist() == [0b101]
+
+
+def test_sign_of_zero_matches_the_quantizers():
+    from bnn_core.quantizers import SIGN_OF_ZERO as TRAINING_SIGN_OF_ZERO
+
+    assert SIGN_OF_ZERO == TRAINING_SIGN_OF_ZERO
+
+
+def test_argmax_ties_go_to_the_lowest_index():
+    rng = np.random.default_rng(1)
+    (w0, b0), _ = random_layers(rng, [8, 6, 4])
+    w1 = np.tile(rng.choice(np.array([-1, 1], np.int8), 6), (4, 1))
+    model = BitwiseModel.from_layers(ThresholdEncoder(), [(w0, b0), (w1, np.ones(4, np.int8))])
+    x = rng.integers(0, 256, (10, 8), dtype=np.uint8)
+    counts = model.forward_counts(x)
+    assert (counts == counts[:, :1]).all()
+    assert (model.predict(x) == 0).all()
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+@pytest.mark.parametrize("encoder", [ThresholdEncoder(127), lloyd_encoder(2)], ids=["threshold", "lloyd_max2"])
+def test_file_size_is_cost_report_bits_plus_small_overhead(tmp_path, sparsity, encoder):
+    rng = np.random.default_rng(0)
+    sizes = [encoder.n_features(PAPER_SIZES[0]), *PAPER_SIZES[1:]]
+    layers = random_layers(rng, sizes, sparsity)
+    metadata = {"source": "mnist", "finetune": {"sparsity": sparsity, "grad": "identity", "epochs": 20}}
+    model = BitwiseModel.from_layers(encoder, layers, metadata)
+    written = save_bitwise_model(tmp_path / "bnn.npz", model)
+    bits = cost_report([w for w, _ in layers]).summary()["binary_weight_bits"]
+    overhead = written - math.ceil(bits / 8)
+    assert 0 <= overhead <= OVERHEAD_LIMIT, f"{written} bytes for {bits} bits: {overhead} bytes of overhead"
+
+
+# ------------------------------------------------------------------------------------------- refusals
+
+
+def write_members(path: Path, members: dict[str, np.ndarray]) -> Path:
+    with open(path, "wb") as handle:
+        np.savez(handle, **members)
+    return path
+
+
+def header_of(members):
+    return json.loads(members["header"].tobytes())
+
+
+def with_header(members, header, rehash=True):
+    """``members`` with a new header; ``rehash`` recomputes its sha256 so only the intended check fires."""
+    arrays = {k: v for k, v in members.items() if k != "header"}
+    if rehash:
+        header = {**header, "sha256": content_hash(header, arrays)}
+    return {"header": np.frombuffer(canonical_json(header), dtype=np.uint8), **arrays}
+
+
+def rehashed_without_field(members, field):
+    return with_header(members, {k: v for k, v in header_of(members).items() if k != field})
+
+
+def rehashed(members):
+    return with_header(members, header_of(members))
+
+
+def edit_header(members, **changes):
+    return with_header(members, {**header_of(members), **changes})
+
+
+def replaced(members, **arrays):
+    return rehashed({**members, **arrays})
+
+
+def flip_word(members, name, index=0, bit=0):
+    array = members[name].copy()
+    array[index] ^= np.uint64(1 << bit)
+    return {**members, name: array}
+
+
+def layer_edit(members, index, **changes):
+    layers = [dict(spec) for spec in header_of(members)["layers"]]
+    layers[index].update(changes)
+    return edit_header(members, layers=layers)
+
+
+def without(members, name):
+    return {k: v for k, v in members.items() if k != name}
+
+
+def sign_on_first_zero(members):
+    """``signs_0`` with the sign bit of layer 0's first zero weight set."""
+    mask = np.unpackbits(members["mask_0"].view(np.uint8), bitorder="little")
+    signs = np.unpackbits(members["signs_0"].view(np.uint8), bitorder="little")
+    signs[np.flatnonzero(mask[: 9 * 20] == 0)[0]] = 1
+    return np.packbits(signs, bitorder="little").view("<u8")
+
+
+BASE = encode_model(small_model())
+
+TAMPERED = {
+    "extra member": ({**BASE, "extra": np.zeros(1, "<u8")}, r"unexpected members \['extra'\]"),
+    "extra member, rehashed": (rehashed({**BASE, "extra": np.zeros(1, "<u8")}), r"unexpected members \['extra'\]"),
+    "missing mask": (without(BASE, "mask_0"), r"missing members \['mask_0'\]"),
+    "missing biases": (rehashed(without(BASE, "biases")), r"missing members \['biases'\]"),
+    "missing header": (without(BASE, "header"), "missing member 'header'"),
+    "format version 2": (edit_header(BASE, format_version=2), "format version 2 is not supported"),
+    "format version string": (edit_header(BASE, format_version="1"), "format version '1' is not supported"),
+    "foreign format": (edit_header(BASE, format="something-else"), "not a bitwise-nn model file"),
+    "flipped array bit": (flip_word(BASE, "signs_1", 0, 5), "content hash mismatch"),
+    "flipped bias bit": (flip_word(BASE, "biases", 0, 2), "content hash mismatch"),
+    "edited header": (with_header(BASE, {**header_of(BASE), "n_pixels": 20, "metadata": {"t": 2}}, False), "hash"),
+    "edited threshold": (
+        with_header(BASE, {**header_of(BASE), "encoder": {"method": "threshold", "threshold": 101}}, False),
+        "content hash mismatch",
+    ),
+    "edited digest": (
+        with_header(BASE, {**header_of(BASE), "sha256": "0" * 64}, False),
+        "content hash mismatch",
+    ),
+    "layers disagree": (layer_edit(BASE, 1, n_in=8), "layer shapes disagree: layer 0 has 9 outputs but layer 1 has 8"),
+    "plane vs header": (layer_edit(BASE, 0, n_out=10), "layer shapes disagree"),
+    "member vs header": (
+        replaced(BASE, signs_1=np.zeros(len(BASE["signs_1"]) + 1, "<u8")),
+        r"layer shape mismatch: member 'signs_1' has shape \(2,\)",
+    ),
+    "2-d member": (replaced(BASE, signs_1=BASE["signs_1"].reshape(1, -1)), "layer shape mismatch"),
+    "mask flag without member": (layer_edit(BASE, 1, mask=True), r"missing members \['mask_1'\]"),
+    "layer schema": (layer_edit(BASE, 0, n_in=True), "header layer 0 must be"),
+    "no layers": (edit_header(BASE, layers=[]), "layers must be a non-empty list"),
+    "encoder vs n_in": (edit_header(BASE, n_pixels=21), "turns 21 pixels into 21 bits but layer 0 takes 20 inputs"),
+    "lloyd encoder vs n_in": (
+        edit_header(BASE, encoder={"method": "lloyd_max", "levels": [0.0, 80.0, 160.0, 240.0]}),
+        "turns 20 pixels into 40 bits but layer 0 takes 20 inputs",
+    ),
+    "real encoder": (edit_header(BASE, encoder={"method": "real"}), "is not binary"),
+    "unknown encoder": (edit_header(BASE, encoder={"method": "magic"}), "bad input encoder"),
+    "malformed encoder": (edit_header(BASE, encoder={"method": "threshold", "threshold": "127"}), "malformed input"),
+    "unsorted levels": (
+        edit_header(BASE, n_pixels=10, encoder={"method": "lloyd_max", "levels": [0.0, 160.0, 80.0, 240.0]}),
+        "not in increasing order",
+    ),
+    "sign rule": (edit_header(BASE, sign_of_zero=-1), r"unsupported sign\(0\) rule"),
+    "tie rule": (edit_header(BASE, argmax_ties="random"), "unsupported argmax tie rule"),
+    "unknown header field": (edit_header(BASE, extra=1), r"unexpected header fields: \['extra'\]"),
+    "missing header field": (rehashed_without_field(BASE, "n_pixels"), r"header fields missing: \['n_pixels'\]"),
+    "signed words": (replaced(BASE, signs_0=BASE["signs_0"].view("<i8")), "dtype mismatch: member 'signs_0' is int64"),
+    "big-endian words": (replaced(BASE, biases=BASE["biases"].astype(">u8")), "dtype mismatch: member 'biases'"),
+    "float header": ({**BASE, "header": BASE["header"].astype(np.float32)}, "dtype mismatch: member 'header'"),
+    "header not json": ({**BASE, "header": np.frombuffer(b"{not json", np.uint8)}, "header is not valid JSON"),
+    "header not object": ({**BASE, "header": np.frombuffer(b"[1, 2]", np.uint8)}, "header is not a JSON object"),
+    "header with NaN": ({**BASE, "header": np.frombuffer(b'{"a": NaN}', np.uint8)}, "header is not valid JSON"),
+    "padding bits": (rehashed(flip_word(BASE, "biases", 0, 63)), "'biases' has nonzero padding bits"),
+    "sign on zero weight": (replaced(BASE, signs_0=sign_on_first_zero(BASE)), "sign bits set on zero weights"),
+    "mask without zeros": (
+        layer_edit({**BASE, "mask_1": np.array([2**27 - 1], "<u8")}, 1, mask=True),
+        "stores a mask but has no zero weights",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_tampered_archive_is_refused(tmp_path, case):
+    members, message = TAMPERED[case]
+    path = write_members(tmp_path / "bnn.npz", members)
+    with pytest.raises(ModelFileError, match=message) as err:
+        load_bitwise_model(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_the_unmodified_base_loads(tmp_path):
+    model = load_bitwise_model(write_members(tmp_path / "bnn.npz", BASE))
+    assert model.layer_sizes == [20, 9, 3]
+
+
+def valid_bytes(tmp_path) -> bytes:
+    path = tmp_path / "valid.npz"
+    save_bitwise_model(path, small_model())
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda valid: valid[: len(valid) // 2], "not a readable .npz archive"),
+        (lambda valid: valid[:-1], "not a readable .npz archive"),
+        (lambda valid: b"", "not a readable .npz archive"),
+        (lambda valid: b"just some text\n", "not a readable .npz archive"),
+        (lambda valid: valid[: len(valid) // 2] + bytes(len(valid) // 2), "not a readable .npz archive"),
+    ],
+    ids=["half", "last byte cut", "empty", "text", "zeroed tail"],
+)
+def test_truncated_or_foreign_file_is_refused(tmp_path, make, message):
+    path = tmp_path / "bnn.npz"
+    path.write_bytes(make(valid_bytes(tmp_path)))
+    with pytest.raises(ModelFileError, match=message) as err:
+        load_bitwise_model(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_flipped_byte_inside_an_array_is_refused(tmp_path):
+    raw = bytearray(valid_bytes(tmp_path))
+    offset = raw.index(b"\x93NUMPY", raw.index(b"signs_1.npy")) + 128  # past signs_1's .npy header
+    raw[offset] ^= 0x10
+    path = tmp_path / "bnn.npz"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError, match=r"damaged archive \(BadZipFile: Bad CRC-32") as err:
+        load_bitwise_model(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(ModelFileError, match=r"bnn\.npz: file not found"):
+        load_bitwise_model(tmp_path / "bnn.npz")
+    with pytest.raises(ModelFileError, match="not a regular file"):
+        load_bitwise_model(tmp_path)
+
+
+def test_single_npy_array_is_refused(tmp_path):
+    path = tmp_path / "bnn.npz"
+    with open(path, "wb") as handle:
+        np.save(handle, np.zeros(3, np.uint8))
+    with pytest.raises(ModelFileError, match="single .npy array"):
+        load_bitwise_model(path)
+
+
+def test_compressed_archive_is_refused(tmp_path):
+    path = tmp_path / "bnn.npz"
+    with open(path, "wb") as handle:
+        np.savez_compressed(handle, **BASE)
+    with pytest.raises(ModelFileError, match="'header.npy' is compressed"):
+        load_bitwise_model(path)
+
+
+def test_non_npy_member_is_refused(tmp_path):
+    path = write_members(tmp_path / "bnn.npz", BASE)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("README.txt", "hello")
+    with pytest.raises(ModelFileError, match="unexpected member 'README.txt'"):
+        load_bitwise_model(path)
+
+
+class _CreatesMarker:
+    """Unpickling this opens (creates) a marker file: proof that a pickle was executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_is_refused_without_being_unpickled(tmp_path):
+    proof = tmp_path / "proof"
+    pickle.loads(pickle.dumps(_CreatesMarker(proof))).close()
+    assert proof.exists(), "the marker pickle must create its file when unpickled"
+
+    marker = tmp_path / "marker"
+    for name, payload in [
+        ("bnn.npz", pickle.dumps(_CreatesMarker(marker))),
+        ("model.pkl", pickle.dumps({"weights": _CreatesMarker(marker)}, protocol=2)),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(payload)
+        with pytest.raises(ModelFileError, match="pickled data is never loaded") as err:
+            load_bitwise_model(path)
+        assert str(err.value).startswith(f"{path}: ")
+    assert not marker.exists()
+
+
+def test_object_array_member_is_refused_without_unpickling(tmp_path):
+    marker = tmp_path / "marker"
+    buffer = io.BytesIO()
+    np.savez(buffer, **{**BASE, "signs_0": np.array([_CreatesMarker(marker)], dtype=object)}, allow_pickle=True)
+    path = tmp_path / "bnn.npz"
+    path.write_bytes(buffer.getvalue())
+    with pytest.raises(ModelFileError, match="'signs_0.npy' holds Python objects; pickled data is never loaded"):
+        load_bitwise_model(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("shape", [(2**40,), (2**62,), (2**21, 2**21, 2**21)])
+def test_member_declaring_a_huge_shape_is_refused_before_allocating(tmp_path, shape):
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<u8", "fortran_order": False, "shape": shape})
+    path = tmp_path / "bnn.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("header.npy", buffer.getvalue() + bytes(64))
+    with pytest.raises(ModelFileError, match="'header.npy' declares shape .*, more data than it holds"):
+        load_bitwise_model(path)
+
+
+# ------------------------------------------------------------------------------------------- writing and API
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "models" / "bnn.npz"
+    save_bitwise_model(path, small_model(seed=0))
+    before = path.read_bytes()
+
+    def broken_write(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np.lib.format, "write_array", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_bitwise_model(path, small_model(seed=1))
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["bnn.npz"]
+    monkeypatch.undo()
+
+    save_bitwise_model(path, small_model(seed=1))
+    assert path.read_bytes() != before
+    assert [p.name for p in path.parent.iterdir()] == ["bnn.npz"]
+
+
+def test_same_model_same_bytes(tmp_path, monkeypatch):
+    save_bitwise_model(tmp_path / "a.npz", small_model())
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 400 * 86400)  # a zip writer stamping the clock would differ
+    save_bitwise_model(tmp_path / "b.npz", small_model())
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    save_bitwise_model(tmp_path / "c.npz", small_model(seed=3))
+    assert (tmp_path / "a.npz").read_bytes() != (tmp_path / "c.npz").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("encoder", "layers", "message"),
+    [
+        (ThresholdEncoder(), [(np.full((2, 3), 2, np.int8), np.ones(2, np.int8))], "weights must be -1, 0 or"),
+        (ThresholdEncoder(), [(np.ones((2, 3), np.int8), np.zeros(2, np.int8))], "biases must be -1 or"),
+        (ThresholdEncoder(), [(np.ones((2, 3), np.int8), np.ones(3, np.int8))], "not .n_out, n_in. and .n_out."),
+        (
+            ThresholdEncoder(),
+            [(np.ones((2, 3), np.int8), np.ones(2, np.int8)), (np.ones((2, 3), np.int8), np.ones(2, np.int8))],
+            "layer shapes disagree",
+        ),
+        (lloyd_encoder(2), [(np.ones((2, 3), np.int8), np.ones(2, np.int8))], "but layer 0 takes 3 inputs"),
+        (RealScaler(), [(np.ones((2, 3), np.int8), np.ones(2, np.int8))], "not binary"),
+    ],
+)
+def test_from_layers_refuses_what_cannot_be_a_model(encoder, layers, message):
+    with pytest.raises(ValueError, match=message):
+        BitwiseModel.from_layers(encoder, layers)
+
+
+def test_metadata_must_be_json():
+    layers = [(np.ones((2, 3), np.int8), np.ones(2, np.int8))]
+    with pytest.raises(ValueError, match="metadata"):
+        BitwiseModel.from_layers(ThresholdEncoder(), layers, {"x": np.int64(1)})
+    with pytest.raises(ValueError, match="metadata"):
+        BitwiseModel.from_layers(ThresholdEncoder(), layers, {"x": float("nan")})
+
+
+def test_predict_checks_the_pixels():
+    model = small_model()
+    with pytest.raises(DataError, match="images of 20 pixels"):
+        model.predict(np.zeros((3, 21), np.uint8))
+    with pytest.raises(DataError, match="uint8"):
+        model.predict(np.full((3, 20), 300))
+    np.testing.assert_array_equal(model.predict(np.full((3, 20), 200)), model.predict(np.full((3, 20), 200, np.uint8)))
+
+
+# ------------------------------------------------------------------------------------------- fuzzing
+
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+VALID = encode_model(small_model())
+
+
+def _valid_file_bytes() -> bytes:
+    buffer = io.BytesIO()
+    write_npz(buffer, VALID)
+    return buffer.getvalue()
+
+
+VALID_BYTES = _valid_file_bytes()
+REFERENCE_PIXELS = np.random.default_rng(5).integers(0, 256, (16, 20), dtype=np.uint8)
+REFERENCE_COUNTS = small_model().forward_counts(REFERENCE_PIXELS)
+
+
+def refused_or_intact(data: bytes) -> bool:
+    """True if ``data`` is refused with ModelFileError, or loads as the reference model (content intact)."""
+    model = load_bytes(data)
+    return model is None or np.array_equal(model.forward_counts(REFERENCE_PIXELS), REFERENCE_COUNTS)
+
+
+def load_bytes(data: bytes) -> BitwiseModel | None:
+    """Load ``data`` from a file; None if refused with ModelFileError. Any other exception escapes (a bug)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "bnn.npz"
+        path.write_bytes(data)
+        try:
+            return load_bitwise_model(path)
+        except ModelFileError as err:
+            assert str(err).startswith(f"{path}: ")
+            return None
+
+
+@FUZZ
+@given(st.binary(max_size=3000))
+def test_fuzz_random_bytes_only_raise_model_file_error(data):
+    assert load_bytes(data) is None
+
+
+@FUZZ
+@given(st.binary(min_size=1, max_size=200), st.integers(0, len(VALID_BYTES)))
+def test_fuzz_valid_prefix_with_garbage_refused_or_harmless(garbage, cut):
+    # Bytes appended to a whole archive may be taken for a zip comment; anything else is refused.
+    assert refused_or_intact(VALID_BYTES[:cut] + garbage)
+
+
+@FUZZ
+@given(st.integers(0, len(VALID_BYTES) - 1), st.integers(1, 255))
+def test_fuzz_single_byte_mutation_refused_or_harmless(position, xor):
+    data = bytearray(VALID_BYTES)
+    data[position] ^= xor
+    # A flip in a field nothing reads (a zip timestamp) may load, but then the content is intact.
+    assert refused_or_intact(bytes(data))
+
+
+@FUZZ
+@given(st.integers(0, len(VALID_BYTES) - 1))
+def test_fuzz_truncation_is_refused(length):
+    assert load_bytes(VALID_BYTES[:length]) is None
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+HEADER_PATHS = [
+    ("format_version",),
+    ("n_pixels",),
+    ("encoder",),
+    ("encoder", "method"),
+    ("encoder", "threshold"),
+    ("encoder", "levels"),
+    ("layers",),
+    ("layers", 0),
+    ("layers", 1, "n_in"),
+    ("layers", 0, "n_out"),
+    ("layers", 1, "mask"),
+    ("sign_of_zero",),
+    ("argmax_ties",),
+    ("metadata",),
+    ("metadata", "t"),
+]
+
+
+@FUZZ
+@given(st.sampled_from(HEADER_PATHS), JSON_VALUES)
+def test_fuzz_rehashed_header_fields_only_raise_model_file_error(where, value):
+    """A writer bug (a well-hashed header with any JSON in any field) is refused or loads: nothing else."""
+    header = header_of(VALID)
+    node = header
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    try:
+        members = with_header(VALID, header)
+    except ValueError:  # not representable as canonical JSON: a writer could not produce it
+        return
+    buffer = io.BytesIO()
+    write_npz(buffer, members)
+    model = load_bytes(buffer.getvalue())
+    if model is not None:
+        assert model.layer_sizes == [20, 9, 3]
