@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from bnn_core.data_module import FeatureSplits, split_source
 from bnn_core.input_encoders import fit_input_encoder
-from pipeline.artifacts import write_features, write_json
+from pipeline.artifacts import write_features
+from pipeline.files import write_json
 from pipeline.sources import load_source
-from pipeline.stage import StageContext, stage
+from pipeline.stage import StageContext, stage_main
 
 
-@stage("binarize")
-def main(ctx: StageContext) -> None:
+def run(ctx: StageContext) -> None:
     data = ctx.config.data
     raw = split_source(load_source(data), data.split.val, data.split.test, data.split.seed)
     encoder = fit_input_encoder(
@@ -35,6 +35,8 @@ def main(ctx: StageContext) -> None:
         f"{splits.n_features} {encoder.name} features -> {ctx.artifacts.features}"
     )
 
+
+main = stage_main("binarize", run)
 
 if __name__ == "__main__":
     main()

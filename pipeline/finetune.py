@@ -11,12 +11,11 @@ from bnn_core.lightning_modules import FinetuneModule
 from bnn_core.networks import BitwiseMLP
 from pipeline.artifacts import read_features
 from pipeline.networks_io import load_compressed
-from pipeline.stage import StageContext, stage
+from pipeline.stage import StageContext, stage_main
 from pipeline.training import fit_round
 
 
-@stage("finetune")
-def main(ctx: StageContext) -> None:
+def run(ctx: StageContext) -> None:
     optim = ctx.config.finetune
     splits = read_features(ctx.artifacts.features)
     if not splits.is_binary():
@@ -35,6 +34,8 @@ def main(ctx: StageContext) -> None:
     module = FinetuneModule(network, optim.lr, optim.epochs, optim.weight_decay)
     fit_round(ctx, module, splits, optim, ctx.artifacts.finetuned, architecture)
 
+
+main = stage_main("finetune", run)
 
 if __name__ == "__main__":
     main()

@@ -8,12 +8,11 @@ from __future__ import annotations
 from bnn_core.lightning_modules import PretrainModule
 from bnn_core.networks import CompressedMLP
 from pipeline.artifacts import read_features
-from pipeline.stage import StageContext, stage
+from pipeline.stage import StageContext, stage_main
 from pipeline.training import fit_round
 
 
-@stage("pretrain")
-def main(ctx: StageContext) -> None:
+def run(ctx: StageContext) -> None:
     model, optim = ctx.config.model, ctx.config.pretrain
     splits = read_features(ctx.artifacts.features)
     architecture = {
@@ -27,6 +26,8 @@ def main(ctx: StageContext) -> None:
     module = PretrainModule(network, optim.lr, optim.epochs, optim.weight_decay)
     fit_round(ctx, module, splits, optim, ctx.artifacts.pretrained, architecture)
 
+
+main = stage_main("pretrain", run)
 
 if __name__ == "__main__":
     main()

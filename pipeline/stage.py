@@ -1,26 +1,31 @@
 """What every stage entry point shares: Hydra config, validation, seeding, tracking, clean errors.
 
-A stage is a function ``run(ctx) -> None`` decorated with :func:`stage`. Run by hand it composes
-``conf/`` (``python -m pipeline.finetune finetune.sparsity=0.5``); DVC runs it on the composed
-``params.yaml`` (``--config-dir . --config-name params``), which is what ``dvc exp run -S`` edits.
+A stage is a function ``run(ctx) -> None``; ``main = stage_main("name", run)`` makes its command line.
+Run by hand it composes ``conf/`` (``python -m pipeline.finetune finetune.sparsity=0.5``); DVC runs it
+on the composed ``params.yaml`` (``--config-dir . --config-name params``), which is what
+``dvc exp run -S`` edits. In a Hydra multirun (``-m``) each job writes into its own output folder and
+reads the outputs of earlier stages from the project (see :func:`link_inputs`).
 """
 
 from __future__ import annotations
 
-import functools
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from bnn_core.errors import BnnError
-from pipeline.artifacts import Artifacts
-from pipeline.config import Config, flatten, validate
-from pipeline.tracking import StageTracker
+from pipeline.artifacts import Artifacts, link_inputs
+from pipeline.config import CONF_DIR, Config, flatten, validate
+from pipeline.files import fail
+from pipeline.tracking import StageTracker, project_root
+
+StageFn = Callable[["StageContext"], None]
 
 
 @dataclass
@@ -45,29 +50,45 @@ class StageContext:
         )
 
 
-def fail(stage: str, message: str) -> None:
-    """One line on stderr, exit status 2: an expected mistake, so no traceback."""
-    print(f"error: {stage}: {message}", file=sys.stderr)
-    sys.exit(2)
+def hydra_tags() -> dict[str, str]:
+    """Tags describing how Hydra launched this process (its command-line overrides), if it did."""
+    if not HydraConfig.initialized():
+        return {}
+    return {"hydra_overrides": " ".join(HydraConfig.get().overrides.task) or "(none)"}
 
 
-def stage(name: str) -> Callable[[Callable[[StageContext], None]], Callable[[], None]]:
-    def decorate(run: Callable[[StageContext], None]) -> Callable[[], None]:
-        @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-        @functools.wraps(run)
-        def main(cfg: DictConfig) -> None:
-            try:
-                config = validate(cfg)
-                L.seed_everything(config.seed, workers=True, verbose=False)
-                tracker = StageTracker(
-                    config.tracking.uri, config.tracking.experiment, name, tags={"data_source": config.data.source}
-                )
-                with tracker:
-                    tracker.log_params(flatten(cfg))
-                    run(StageContext(name, config, cfg, Artifacts(Path.cwd()), tracker))
-            except BnnError as err:
-                fail(name, str(err))
+def is_multirun_job() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
-        return main
 
-    return decorate
+def make_tracker(name: str, config: Config) -> StageTracker:
+    """The stage's MLflow run; in a sweep it is named after the job's overrides."""
+    tags = {"data_source": config.data.source, **hydra_tags()}
+    run_name = f"{name} {tags['hydra_overrides']}" if is_multirun_job() else name
+    return StageTracker(config.tracking.uri, config.tracking.experiment, name, tags=tags, run_name=run_name)
+
+
+def seed_everything(config: Config) -> None:
+    L.seed_everything(config.seed, workers=True, verbose=False)
+
+
+def stage_main(name: str, run: StageFn) -> Callable[[], None]:
+    """The Hydra command line of one stage."""
+
+    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        try:
+            config = validate(cfg)
+            root = Path.cwd()
+            if is_multirun_job():
+                root = Path(HydraConfig.get().runtime.output_dir)
+                link_inputs(Artifacts(project_root()), Artifacts(root))
+            seed_everything(config)
+            with make_tracker(name, config) as tracker:
+                tracker.log_params(flatten(cfg))
+                run(StageContext(name, config, cfg, Artifacts(root), tracker))
+        except BnnError as err:
+            fail(name, str(err))
+
+    main.__name__ = f"{name}_main"
+    return main

@@ -14,15 +14,21 @@ once and the stage goes on writing its local outputs.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
+import time
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import lightning as L
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 PIPELINE_RUN_ENV = "BNN_PIPELINE_RUN"
+T = TypeVar("T")
 
 
 def project_root() -> Path:
@@ -62,19 +68,20 @@ def _dvc_ancestor() -> str | None:
     return None
 
 
-def pipeline_run_id() -> str:
-    """Identifier shared by the stages of one pipeline execution.
+def pipeline_run_id() -> tuple[str, bool]:
+    """``(id, shared)``: the identifier of the pipeline execution this stage belongs to.
 
-    ``$BNN_PIPELINE_RUN`` if set; else derived from the ``dvc`` process that launched this stage;
-    else a fresh id (a stage run by hand is a pipeline run of its own).
+    ``$BNN_PIPELINE_RUN`` if set (a Hydra sweep sets it for its jobs); else derived from the ``dvc``
+    process that launched this stage; in both cases ``shared`` is True and the stages get a common MLflow
+    parent run. A stage run by hand is a pipeline of its own: a fresh id, no parent run.
     """
     explicit = os.environ.get(PIPELINE_RUN_ENV)
     if explicit:
-        return explicit
+        return explicit, True
     ancestor = _dvc_ancestor()
     if ancestor is not None:
-        return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{os.uname().nodename}-{ancestor}"))
-    return uuid.uuid4().hex
+        return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{os.uname().nodename}-{ancestor}")), True
+    return uuid.uuid4().hex, False
 
 
 def git_commit(root: Path) -> tuple[str, bool]:
@@ -91,49 +98,117 @@ def git_commit(root: Path) -> tuple[str, bool]:
         return "unknown", True
 
 
-class StageTracker:
-    """An MLflow run for one stage; every call is a no-op after the store has failed once."""
+def _with_retries(fn: Callable[[], T], attempts: int = 8) -> T:
+    """Parallel jobs share one SQLite file: retry briefly when it is locked by another writer."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as err:
+            if "locked" not in str(err).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * 2**attempt + random.random() * 0.05)
+    raise AssertionError("unreachable")
 
-    def __init__(self, uri: str | None, experiment: str, stage: str, tags: dict[str, str] | None = None):
+
+def _configure_client() -> None:
+    # An unreachable server should cost seconds, not MLflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Experiment id of ``name``, creating it (artifacts beside the default store) if needed."""
+    _configure_client()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = _with_retries(lambda: client.get_experiment_by_name(name))
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (project_root() / "mlruns").as_uri() if uri == default_tracking_uri() else None
+    try:
+        return _with_retries(lambda: client.create_experiment(name, artifact_location=location))
+    except Exception:
+        # Another job created it between our lookup and create.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def common_tags(extra: dict[str, str] | None = None) -> dict[str, str]:
+    commit, dirty = git_commit(project_root())
+    tags = {"git_commit": commit, "git_dirty": str(dirty).lower(), **(extra or {})}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+def find_or_create_parent(uri: str, experiment_id: str, pipeline_run: str, name: str, tags: dict[str, str]) -> str:
+    """The parent run of a pipeline execution or sweep, found by its ``pipeline_run`` tag."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    query = f"tags.pipeline_run = '{pipeline_run}' and tags.kind = 'parent'"
+    found = _with_retries(lambda: client.search_runs([experiment_id], filter_string=query, max_results=1))
+    if found:
+        return found[0].info.run_id
+    run = _with_retries(
+        lambda: client.create_run(
+            experiment_id, run_name=name, tags={**tags, "pipeline_run": pipeline_run, "kind": "parent"}
+        )
+    )
+    _with_retries(lambda: client.set_terminated(run.info.run_id))
+    return run.info.run_id
+
+
+class StageTracker:
+    """An MLflow run for one stage or sweep job; every call is a no-op after the store has failed once.
+
+    When the stage belongs to a shared pipeline execution (``dvc repro``, ``dvc exp run``, a Hydra
+    sweep), its run is a child of that execution's parent run.
+    """
+
+    def __init__(
+        self, uri: str | None, experiment: str, stage: str, tags: dict[str, str] | None = None, run_name: str = ""
+    ):
         self.uri = uri or default_tracking_uri()
+        self.run_name = run_name or stage
         self.experiment = experiment
         self.stage = stage
         self.tags = dict(tags or {})
         self.run_id: str | None = None
         self._failed = False
 
-    def _guard(self, action: str, fn, *args, **kwargs) -> Any:
+    def _guard(self, action: str, fn: Callable[..., T], *args, **kwargs) -> T | None:
         if self._failed:
             return None
         try:
-            return fn(*args, **kwargs)
+            return _with_retries(lambda: fn(*args, **kwargs))
         except Exception as err:  # any store failure: network, sqlite, permissions
             self._failed = True
+            detail = str(err).splitlines()[0] if str(err) else ""
             warnings.warn(
-                f"MLflow tracking at {self.uri} failed while trying to {action} ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}); the stage continues without tracking",
+                f"MLflow tracking at {self.uri} failed while trying to {action} ({type(err).__name__}: {detail}); "
+                "the stage continues without tracking",
                 RuntimeWarning,
                 stacklevel=3,
             )
             return None
 
     def start(self) -> StageTracker:
+        _configure_client()
         import mlflow
 
         def _start() -> str:
             mlflow.set_tracking_uri(self.uri)
-            mlflow.set_experiment(self.experiment)
-            commit, dirty = git_commit(project_root())
-            tags = {
-                "stage": self.stage,
-                "pipeline_run": pipeline_run_id(),
-                "git_commit": commit,
-                "git_dirty": str(dirty).lower(),
-                **self.tags,
-            }
-            if os.environ.get("DVC_EXP_NAME"):
-                tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
-            return mlflow.start_run(run_name=self.stage, tags=tags).info.run_id
+            experiment_id = ensure_experiment(self.uri, self.experiment)
+            pipeline_run, shared = pipeline_run_id()
+            tags = common_tags({"stage": self.stage, "pipeline_run": pipeline_run, "kind": "stage", **self.tags})
+            if shared:
+                name = f"pipeline {pipeline_run[:8]}"
+                tags["mlflow.parentRunId"] = find_or_create_parent(self.uri, experiment_id, pipeline_run, name, tags)
+            return mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name, tags=tags).info.run_id
 
         self.run_id = self._guard("start a run", _start)
         return self
@@ -160,29 +235,67 @@ class StageTracker:
 
         self._guard("log metrics", mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
 
-    def log_artifact(self, path: Path) -> None:
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
         import mlflow
 
-        self._guard("log an artifact", mlflow.log_artifact, str(path))
+        self._guard("log an artifact", mlflow.log_artifact, str(path), folder)
+
+    def log_text(self, text: str, name: str) -> None:
+        import mlflow
+
+        self._guard("log an artifact", mlflow.log_text, text, name)
 
 
 class EpochHistory(L.Callback):
-    """Collects the epoch-level metrics of a training run and logs them to the tracker, step = epoch."""
+    """Collects the epoch-level metrics of a training round and logs them to the tracker, step = epoch.
 
-    def __init__(self, tracker: StageTracker):
+    MLflow names carry the round, ``<stage>/<split>_<metric>`` (e.g. ``pretrain/val_accuracy``), so both
+    rounds can share one run (as in ``pipeline.run`` jobs) without mixing their curves.
+    """
+
+    COLUMNS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+    def __init__(self, tracker: StageTracker, stage: str):
         self.tracker = tracker
+        self.stage = stage
         self.rows: list[dict[str, float]] = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        metrics = {
+            k.replace("/", "_"): float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith(("train/", "val/"))
+        }
         self.rows.append({"epoch": trainer.current_epoch, **metrics})
-        self.tracker.log_metrics(metrics, step=trainer.current_epoch)
+        self.tracker.log_metrics({f"{self.stage}/{k}": v for k, v in metrics.items()}, step=trainer.current_epoch)
 
     def to_csv(self) -> str:
-        columns = ["epoch", "train/loss", "train/accuracy", "val/loss", "val/accuracy"]
-        lines = [",".join(c.replace("/", "_") for c in columns)]
+        lines = [",".join(("epoch", *self.COLUMNS))]
         for row in self.rows:
-            lines.append(
-                ",".join(f"{row.get(c, float('nan')):.6g}" if c != "epoch" else str(row["epoch"]) for c in columns)
-            )
+            lines.append(",".join([str(row["epoch"]), *(f"{row.get(c, float('nan')):.6g}" for c in self.COLUMNS)]))
         return "\n".join(lines) + "\n"
+
+
+class SweepTracking(Callback):
+    """Hydra callback: one MLflow parent run per multirun sweep; every job's run becomes its child.
+
+    The sweep's id goes to the jobs through ``$BNN_PIPELINE_RUN`` (set before any job is launched, so
+    local, joblib and submitit workers inherit it). The parent and the experiment are created here, in
+    the launching process, so parallel jobs never race to create them.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        sweep_id = uuid.uuid4().hex
+        os.environ[PIPELINE_RUN_ENV] = sweep_id
+        uri = config.tracking.uri or default_tracking_uri()
+        overrides = " ".join(config.hydra.overrides.task) or "(none)"
+        try:
+            experiment_id = ensure_experiment(uri, config.tracking.experiment)
+            tags = common_tags({"hydra_overrides": overrides, "data_source": str(config.data.source)})
+            find_or_create_parent(uri, experiment_id, sweep_id, f"sweep {config.hydra.sweep.dir}", tags)
+        except Exception as err:  # tracking never stops a sweep
+            warnings.warn(
+                f"MLflow tracking at {uri} failed to create the sweep's parent run ({err})",
+                RuntimeWarning,
+                stacklevel=2,
+            )

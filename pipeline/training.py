@@ -6,8 +6,9 @@ from typing import Any
 
 from bnn_core.data_module import FeatureDataModule, FeatureSplits
 from bnn_core.lightning_modules import BestValidationState
-from pipeline.artifacts import save_checkpoint, write_text
+from pipeline.artifacts import save_checkpoint
 from pipeline.config import OptimConfig
+from pipeline.files import write_text
 from pipeline.stage import StageContext
 from pipeline.tracking import EpochHistory
 
@@ -17,11 +18,13 @@ def fit_round(
 ) -> None:
     """Train ``module`` for ``optim.epochs``, keep the best validation epoch, save its weights and curves."""
     data = FeatureDataModule(splits, optim.batch_size, ctx.config.seed, ctx.config.evaluate.batch_size)
-    best, history = BestValidationState(), EpochHistory(ctx.tracker)
+    best, history = BestValidationState(), EpochHistory(ctx.tracker, ctx.name)
     trainer = ctx.trainer(optim.epochs, [best, history])
     trainer.fit(module, datamodule=data)
     best.restore(module)
-    ctx.tracker.log_metrics({"val/best_accuracy": best.best_score, "val/best_epoch": best.best_epoch})
+    ctx.tracker.log_metrics(
+        {f"{ctx.name}/best_val_accuracy": best.best_score, f"{ctx.name}/best_epoch": best.best_epoch}
+    )
     write_text(ctx.artifacts.history(ctx.name), history.to_csv())
     save_checkpoint(
         checkpoint_path,

@@ -11,8 +11,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["conf", "pipeline", "bnn_core", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
-                 ".dvc/.gitignore", ".gitignore", ".dvcignore"]
+PROJECT_FILES = [
+    "conf",
+    "pipeline",
+    "bnn_core",
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".gitignore",
+    ".dvcignore",
+]
 
 
 def project_env(**extra: str) -> dict[str, str]:

@@ -46,15 +46,24 @@ def test_dvc_repro_then_experiment_reruns_only_what_changed(project_copy):
     client = MlflowClient(f"sqlite:///{project_copy / 'mlflow.db'}")
     experiment_id = client.get_experiment_by_name("bitwise-nn").experiment_id
     runs = client.search_runs([experiment_id])
-    by_pipeline: dict[str, list[str]] = {}
-    for r in runs:
-        by_pipeline.setdefault(r.data.tags["pipeline_run"], []).append(r.data.tags["stage"])
+    parents = {r.info.run_id: r for r in runs if r.data.tags["kind"] == "parent"}
+    stages = [r for r in runs if r.data.tags["kind"] == "stage"]
+    children: dict[str, list[str]] = {}
+    for r in stages:
         assert r.data.params["finetune.grad"] == "identity"
-    assert sorted(map(sorted, by_pipeline.values())) == [
+        parent = parents[r.data.tags["mlflow.parentRunId"]]
+        assert parent.data.tags["pipeline_run"] == r.data.tags["pipeline_run"]
+        children.setdefault(parent.info.run_id, []).append(r.data.tags["stage"])
+    # One parent per DVC invocation, one child per stage it ran.
+    assert len(parents) == 2
+    assert sorted(map(sorted, children.values())) == [
         ["binarize", "evaluate", "finetune", "pretrain"],
         ["evaluate", "finetune"],
     ]
-    evaluate_run = next(r for r in runs if r.data.tags["stage"] == "evaluate" and r.data.params["finetune.sparsity"] == "0.5")
+    assert all(r.data.tags["git_commit"] != "unknown" for r in stages)
+    evaluate_run = next(
+        r for r in runs if r.data.tags["stage"] == "evaluate" and r.data.params["finetune.sparsity"] == "0.5"
+    )
     assert evaluate_run.data.metrics["test/agreement"] == 1.0
 
 
