@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Stage commands in dvc.yaml call `python`: make it the project's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test lint params clean-outputs bench
+.PHONY: dashboard repro test lint params bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 repro: $(STAMP)
 	$(BIN)/dvc repro
-	$(BIN)/dvc metrics show
+	@$(BIN)/python -m pipeline.summary
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -36,3 +36,9 @@ bench: $(STAMP)
 params: $(STAMP)
 	$(BIN)/python -c "from pathlib import Path; from dvc.utils.hydra import compose_and_dump; \
 	compose_and_dump(Path('params.yaml'), str(Path('conf').resolve()), None, 'config', '.', [])"
+
+# MLflow UI on the project's store, local only.
+MLFLOW_PORT ?= 5000
+dashboard: $(STAMP)
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlruns \
+	  --host 127.0.0.1 --port $(MLFLOW_PORT)

@@ -25,11 +25,21 @@ class CompressedMLP(nn.Module):
     """Round 1: ``a_i = tanh(b~_i) + sum_j tanh(w~_ij) z_j``, ``z_i = tanh(a_i)`` (method.md).
 
     Weights live in [-1, 1] through tanh, so binarizing them later is a small step. Dropout on the input
-    and on each hidden layer (Srivastava et al. 2014).
+    and on each hidden layer (Srivastava et al. 2014). With ``compress=False`` the weights are used as
+    they are: the plain real-valued baseline of the paper's comparison.
     """
 
-    def __init__(self, n_in: int, hidden: list[int], n_out: int, dropout_input: float, dropout_hidden: float):
+    def __init__(
+        self,
+        n_in: int,
+        hidden: list[int],
+        n_out: int,
+        dropout_input: float,
+        dropout_hidden: float,
+        compress: bool = True,
+    ):
         super().__init__()
+        self.compress = compress
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for fan_in, fan_out in _layer_sizes(n_in, hidden, n_out):
@@ -41,8 +51,9 @@ class CompressedMLP(nn.Module):
         self.dropout_hidden = nn.Dropout(dropout_hidden)
 
     def compressed_parameters(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(tanh(W~), tanh(b~))`` per layer: the weights round 2 starts from."""
-        return [(torch.tanh(w), torch.tanh(b)) for w, b in zip(self.weights, self.biases, strict=True)]
+        """``(tanh(W~), tanh(b~))`` per layer: the weights round 2 starts from (``(W, b)`` uncompressed)."""
+        pairs = zip(self.weights, self.biases, strict=True)
+        return [(torch.tanh(w), torch.tanh(b)) if self.compress else (w, b) for w, b in pairs]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.dropout_input(x)

@@ -48,6 +48,14 @@ class Artifacts:
         return self.root / "reports" / "metrics.json"
 
     @property
+    def baselines(self) -> Path:
+        return self.root / "reports" / "baselines.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "reports" / "report.md"
+
+    @property
     def cost_table(self) -> Path:
         return self.root / "reports" / "cost.md"
 

@@ -10,6 +10,7 @@ from tests.conftest import compose_params, run
 
 pytestmark = pytest.mark.slow
 SMOKE = ["experiment=smoke"]
+ALL_STAGES = ["binarize", "pretrain", "finetune", "evaluate", "baselines", "report"]
 
 
 def stages_run(output: str) -> list[str]:
@@ -19,7 +20,7 @@ def stages_run(output: str) -> list[str]:
 def test_dvc_repro_then_experiment_reruns_only_what_changed(project_copy):
     compose_params(project_copy, SMOKE)
     first = run(["dvc", "repro"], project_copy)
-    assert stages_run(first.stdout) == ["binarize", "pretrain", "finetune", "evaluate"]
+    assert sorted(stages_run(first.stdout)) == sorted(ALL_STAGES)
 
     metrics = json.loads((project_copy / "reports" / "metrics.json").read_text())
     assert metrics["bnn"]["agreement"] == 1.0
@@ -37,7 +38,11 @@ def test_dvc_repro_then_experiment_reruns_only_what_changed(project_copy):
     run(["git", "add", "-A"], project_copy)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], project_copy)
     experiment = run(["dvc", "exp", "run", "-S", "experiment=smoke", "-S", "finetune.sparsity=0.5"], project_copy)
-    assert stages_run(experiment.stdout) == ["finetune", "evaluate"]
+    assert stages_run(experiment.stdout) == ["finetune", "evaluate", "report"]
+    report = (project_copy / "reports" / "report.md").read_text()
+    assert "| bnn | threshold |" in report and "| real | real |" in report
+    for png in ("tradeoff.png", "training_curves.png"):
+        assert (project_copy / "reports" / png).read_bytes().startswith(b"\x89PNG")
     sparse = json.loads((project_copy / "reports" / "metrics.json").read_text())
     assert sparse["bnn"]["sparsity"] == 0.5
     assert sparse["bnn"]["agreement"] == 1.0
@@ -57,8 +62,8 @@ def test_dvc_repro_then_experiment_reruns_only_what_changed(project_copy):
     # One parent per DVC invocation, one child per stage it ran.
     assert len(parents) == 2
     assert sorted(map(sorted, children.values())) == [
-        ["binarize", "evaluate", "finetune", "pretrain"],
-        ["evaluate", "finetune"],
+        sorted(ALL_STAGES),
+        ["evaluate", "finetune", "report"],
     ]
     assert all(r.data.tags["git_commit"] != "unknown" for r in stages)
     evaluate_run = next(
@@ -81,3 +86,15 @@ def test_stage_by_hand_with_a_hydra_override(project_copy):
     metrics = json.loads((project_copy / "reports" / "metrics.json").read_text())
     assert metrics["bnn"]["sparsity"] == 0.25
     assert metrics["bnn"]["agreement"] == 1.0
+
+
+def test_dvc_stage_params_match_the_sweep_runner():
+    """pipeline.run caches a stage by the config sections dvc.yaml lists as its params: keep them equal."""
+    import yaml
+
+    from pipeline.run import STAGES
+    from tests.conftest import ROOT
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, _, sections in STAGES:
+        assert tuple(stages[name]["params"]) == sections, name

@@ -1,0 +1,63 @@
+"""Stage baselines: the real-valued rows of the paper's comparison, trained like round 1.
+
+A plain real-valued network (tanh activations, dropout, no weight compression) with the architecture and
+budget of ``pretrain``, once on real pixels scaled to [-1, 1] and once on the binary input features.
+Output: ``reports/baselines.json`` (test accuracy of each, best validation epoch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bnn_core.data_module import FeatureDataModule, FeatureSplits, split_source
+from bnn_core.input_encoders import RealScaler
+from bnn_core.lightning_modules import BestValidationState, PretrainModule
+from bnn_core.networks import CompressedMLP
+from pipeline.artifacts import read_features
+from pipeline.files import write_json
+from pipeline.sources import load_source
+from pipeline.stage import StageContext, seed_everything, stage_main
+
+
+def train_real_valued(ctx: StageContext, splits: FeatureSplits) -> dict[str, float]:
+    model, optim = ctx.config.model, ctx.config.pretrain
+    seed_everything(ctx.config)
+    network = CompressedMLP(
+        splits.n_features,
+        list(model.hidden),
+        ctx.config.data.n_classes,
+        model.dropout_input,
+        model.dropout_hidden,
+        compress=False,
+    )
+    module = PretrainModule(network, optim.lr, optim.epochs, optim.weight_decay)
+    best = BestValidationState()
+    data = FeatureDataModule(splits, optim.batch_size, ctx.config.seed, ctx.config.evaluate.batch_size)
+    ctx.trainer(optim.epochs, [best]).fit(module, datamodule=data)
+    best.restore(module)
+    network.eval()
+    with torch.no_grad():
+        predictions = network(torch.from_numpy(splits.x_test)).argmax(dim=1).numpy()
+    return {"test_accuracy": float(np.mean(predictions == splits.y_test)), "best_epoch": best.best_epoch}
+
+
+def run(ctx: StageContext) -> None:
+    data = ctx.config.data
+    raw = split_source(load_source(data), data.split.val, data.split.test, data.split.seed)
+    rows = {
+        "real_input": train_real_valued(ctx, FeatureSplits.encode(raw, RealScaler())),
+        "binary_input": train_real_valued(ctx, read_features(ctx.artifacts.features)),
+    }
+    ctx.tracker.log_metrics({f"baselines/{name}_test_accuracy": row["test_accuracy"] for name, row in rows.items()})
+    write_json(ctx.artifacts.baselines, rows)
+    print(
+        f"baselines: real-valued network {rows['real_input']['test_accuracy']:.4f} on real pixels, "
+        f"{rows['binary_input']['test_accuracy']:.4f} on binary inputs -> {ctx.artifacts.baselines}"
+    )
+
+
+main = stage_main("baselines", run)
+
+if __name__ == "__main__":
+    main()
