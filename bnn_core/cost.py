@@ -6,8 +6,9 @@ Convention (in the spirit of ``larq.models.summary``; documented in the README):
   and ``n_out`` units has ``n_out * (n_in + 1)`` parameters.
 - Real-valued twin: every parameter is one 32-bit MAC per example and 32 bits of memory.
 - Bitwise network: one binary MAC (an XNOR-popcount bit operation) per nonzero weight plus one per bias;
-  zero weights cost no operation. Memory: a sign bit per weight, plus a second bit (the nonzero mask)
-  per weight when the layer has any zeros, plus one bit per bias.
+  zero weights cost no operation. Memory, as the exported model file stores it: a layer without zeros
+  takes one sign bit per weight; a layer with zeros takes a mask bit per weight plus a sign bit per
+  nonzero weight (``2 - sparsity`` bits per weight); plus one bit per bias.
 """
 
 from __future__ import annotations
@@ -35,14 +36,13 @@ def layer_cost(name: str, weights: np.ndarray) -> LayerCost:
     """Cost of one layer from its ternary weights ``[n_out, n_in]``."""
     n_out, n_in = weights.shape
     nonzero = int(np.count_nonzero(weights))
-    bits_per_weight = 2 if nonzero < weights.size else 1
     return LayerCost(
         name=name,
         n_in=n_in,
         n_out=n_out,
         nonzero_weights=nonzero,
         binary_macs=nonzero + n_out,
-        binary_bits=bits_per_weight * weights.size + n_out,
+        binary_bits=(weights.size + nonzero if nonzero < weights.size else weights.size) + n_out,
         real_macs=weights.size + n_out,
         real_bits=FLOAT_BITS * (weights.size + n_out),
     )

@@ -18,8 +18,11 @@ one-dimensional array:
 member             dtype             content
 =================  ================  =====================================================================
 ``header``         ``uint8 [h]``     UTF-8 JSON object (canonical: sorted keys, no spaces, ASCII)
-``signs_<i>``      ``<u8 [w]``       layer ``i``'s sign plane, ``w = ceil(n_out * n_in / 64)`` words
-``mask_<i>``       ``<u8 [w]``       layer ``i``'s nonzero mask; only when the layer has zero weights
+``signs_<i>``      ``<u8 [s]``       layer ``i``'s signs: ``s = ceil(n_out * n_in / 64)`` words, or, when
+                                    the layer has a mask, the signs of its nonzero weights only
+                                    (``s = ceil(popcount(mask) / 64)``)
+``mask_<i>``       ``<u8 [w]``       layer ``i``'s nonzero mask, ``w = ceil(n_out * n_in / 64)`` words;
+                                    only when the layer has zero weights
 ``biases``         ``<u8 [b]``       bias signs of all layers, input layer first, ``b = ceil(sum n_out / 64)``
 =================  ================  =====================================================================
 
@@ -27,11 +30,14 @@ Bit planes are bit-contiguous, *not* padded per row: the ``[n_out, n_in]`` matri
 major and its element ``k = r * n_in + c`` is bit ``k % 64`` of word ``k // 64`` (little-endian
 uint64, the packed engine's order); ``biases`` is the layers' ``[n_out]`` bias vectors concatenated,
 in the same bit order. Bit 1 means +1 in a sign plane (and in the bias), nonzero in a
-mask; a zero weight has sign bit 0 and mask bit 0; unused bits of the last word are 0. A layer with
-no ``mask_<i>`` member has no zero weights. The loader re-pads rows into the engine's
-``uint64 [n_out, ceil(n_in / 64)]`` words. On disk a model therefore takes the bits the cost report
-(:mod:`bnn_core.cost`) counts -- a sign bit per weight, a mask bit per weight for layers with zeros,
-a bit per bias -- plus a fixed overhead: ``204 + 2 * len(member name)`` bytes per member (zip local header
+mask; unused bits of the last word are 0. A layer with no ``mask_<i>`` member has no zero weights and
+one sign bit per weight. A layer with a mask stores sign bits for its nonzero weights only, in the
+row-major order of their positions: a zero weight has no sign, so it costs 1 bit and a nonzero weight 2
+(at sparsity ``s`` that is ``2 - s`` bits per weight rather than 2). The loader scatters the signs back
+and re-pads rows into the engine's ``uint64 [n_out, ceil(n_in / 64)]`` words. On disk a model therefore
+takes the bits the cost report (:mod:`bnn_core.cost`) counts -- a sign bit per nonzero weight, a mask
+bit per weight for layers with zeros, a bit per bias -- plus a fixed overhead:
+``204 + 2 * len(member name)`` bytes per member (zip local header
 30, zip central directory 46, ``.npy`` header 128), 22 bytes of zip trailer, the JSON header and at
 most 63 bits of word padding per member. For the paper's 784-1024-1024-1024-10 network that overhead
 is about 2.7 KB with masks and 1.8 KB without, before metadata (``tests/test_model_file.py`` checks
@@ -267,7 +273,8 @@ def encode_model(model: BitwiseModel) -> dict[str, np.ndarray]:
         mask = unpack_bits(layer.mask, layer.n_in)
         signs = unpack_bits(layer.signs, layer.n_in) & mask
         has_zeros = not bool(mask.all())
-        arrays[f"signs_{i}"] = _plane_words(signs)
+        # A zero weight needs no sign: store the signs of the nonzero weights only.
+        arrays[f"signs_{i}"] = _plane_words(signs[mask] if has_zeros else signs)
         if has_zeros:
             arrays[f"mask_{i}"] = _plane_words(mask)
         layer_specs.append({"n_in": layer.n_in, "n_out": layer.n_out, "mask": has_zeros})
@@ -468,12 +475,12 @@ def _check_encoder(path: Path, header: dict[str, Any], layers: list[dict[str, An
     return encoder
 
 
-def _expected_members(layers: list[dict[str, Any]]) -> dict[str, int]:
-    """Member name -> number of words, as the header's layers require."""
-    expected = {}
+def _expected_members(layers: list[dict[str, Any]]) -> dict[str, int | None]:
+    """Member name -> number of words, as the header's layers require (None: known once the mask is read)."""
+    expected: dict[str, int | None] = {}
     for i, spec in enumerate(layers):
         plane = n_words(spec["n_in"] * spec["n_out"])
-        expected[f"signs_{i}"] = plane
+        expected[f"signs_{i}"] = None if spec["mask"] else plane
         if spec["mask"]:
             expected[f"mask_{i}"] = plane
     expected["biases"] = n_words(sum(spec["n_out"] for spec in layers))
@@ -494,7 +501,7 @@ def _check_members(path: Path, arrays: dict[str, Any], layers: list[dict[str, An
             raise ModelFileError(
                 f"{path}: dtype mismatch: member {name!r} is {got}, expected uint64 little-endian (<u8)"
             )
-        if array.shape != (words,):
+        if array.ndim != 1 or (words is not None and array.shape != (words,)):
             raise ModelFileError(
                 f"{path}: layer shape mismatch: member {name!r} has shape {array.shape}, the header's layer sizes "
                 f"need ({words},)"
@@ -514,14 +521,20 @@ def _decode_layers(path: Path, arrays: dict[str, np.ndarray], layers: list[dict[
     biases = _unpack_plane(path, "biases", arrays["biases"], int(n_biases[-1]))
     for i, spec in enumerate(layers):
         n_in, n_out = spec["n_in"], spec["n_out"]
-        signs = _unpack_plane(path, f"signs_{i}", arrays[f"signs_{i}"], n_in * n_out).reshape(n_out, n_in)
         if spec["mask"]:
             mask = _unpack_plane(path, f"mask_{i}", arrays[f"mask_{i}"], n_in * n_out).reshape(n_out, n_in)
             if mask.all():
                 raise ModelFileError(f"{path}: layer {i} stores a mask but has no zero weights")
-            if (signs & ~mask).any():
-                raise ModelFileError(f"{path}: layer {i} has sign bits set on zero weights")
+            nonzero = int(mask.sum())
+            if arrays[f"signs_{i}"].shape != (n_words(nonzero),):
+                raise ModelFileError(
+                    f"{path}: layer shape mismatch: member 'signs_{i}' has shape {arrays[f'signs_{i}'].shape}, "
+                    f"the mask's {nonzero} nonzero weights need ({n_words(nonzero)},)"
+                )
+            signs = np.zeros((n_out, n_in), dtype=bool)
+            signs[mask] = _unpack_plane(path, f"signs_{i}", arrays[f"signs_{i}"], nonzero)
         else:
+            signs = _unpack_plane(path, f"signs_{i}", arrays[f"signs_{i}"], n_in * n_out).reshape(n_out, n_in)
             mask = np.ones((n_out, n_in), dtype=bool)
         bias = biases[n_biases[i] : n_biases[i + 1]]
         packed.append(

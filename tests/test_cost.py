@@ -11,13 +11,13 @@ def test_dense_layer_without_zeros():
     assert cost.real_bits == 32 * 1024 * 1025
 
 
-def test_zero_weights_cost_no_operation_but_a_mask_bit():
+def test_zero_weights_cost_no_operation_and_only_a_mask_bit():
     w = np.ones((10, 20), dtype=np.int8)
     w[:, :5] = 0
     cost = layer_cost("l", w)
     assert cost.nonzero_weights == 150
     assert cost.binary_macs == 150 + 10
-    assert cost.binary_bits == 2 * 200 + 10
+    assert cost.binary_bits == 200 + 150 + 10  # mask bit per weight, sign bit per nonzero, bias bits
 
 
 def test_totals_and_ratios():

@@ -104,7 +104,11 @@ def test_mask_members_only_for_layers_with_zeros(tmp_path):
     with np.load(tmp_path / "m.npz", allow_pickle=False) as npz:
         assert sorted(npz.files) == ["biases", "header", "mask_0", "signs_0", "signs_1"]
         assert all(npz[name].dtype == np.dtype("<u8") for name in npz.files if name != "header")
-        assert npz["signs_0"].shape == (math.ceil(9 * 20 / 64),)  # bit-contiguous: no per-row padding
+        nonzero = int(np.count_nonzero(model.ternary_layers()[0][0]))
+        assert nonzero < 9 * 20
+        assert npz["mask_0"].shape == (math.ceil(9 * 20 / 64),)  # bit-contiguous: no per-row padding
+        assert npz["signs_0"].shape == (math.ceil(nonzero / 64),)  # signs of nonzero weights only
+        assert npz["signs_1"].shape == (math.ceil(3 * 9 / 64),)
         header = json.loads(npz["header"].tobytes())
     with zipfile.ZipFile(tmp_path / "m.npz") as archive:
         assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
@@ -208,12 +212,9 @@ def without(members, name):
     return {k: v for k, v in members.items() if k != name}
 
 
-def sign_on_first_zero(members):
-    """``signs_0`` with the sign bit of layer 0's first zero weight set."""
-    mask = np.unpackbits(members["mask_0"].view(np.uint8), bitorder="little")
-    signs = np.unpackbits(members["signs_0"].view(np.uint8), bitorder="little")
-    signs[np.flatnonzero(mask[: 9 * 20] == 0)[0]] = 1
-    return np.packbits(signs, bitorder="little").view("<u8")
+def signs_of_full_plane(members):
+    """``signs_0`` as a full sign plane (one bit per weight) although layer 0 has a mask: the wrong length."""
+    return np.zeros(-(-9 * 20 // 64), "<u8")
 
 
 BASE = encode_model(small_model())
@@ -271,7 +272,10 @@ TAMPERED = {
     "header not object": ({**BASE, "header": np.frombuffer(b"[1, 2]", np.uint8)}, "header is not a JSON object"),
     "header with NaN": ({**BASE, "header": np.frombuffer(b'{"a": NaN}', np.uint8)}, "header is not valid JSON"),
     "padding bits": (rehashed(flip_word(BASE, "biases", 0, 63)), "'biases' has nonzero padding bits"),
-    "sign on zero weight": (replaced(BASE, signs_0=sign_on_first_zero(BASE)), "sign bits set on zero weights"),
+    "signs for zero weights too": (
+        rehashed(replaced(BASE, signs_0=signs_of_full_plane(BASE))),
+        "member 'signs_0' has shape .* nonzero weights need",
+    ),
     "mask without zeros": (
         layer_edit({**BASE, "mask_1": np.array([2**27 - 1], "<u8")}, 1, mask=True),
         "stores a mask but has no zero weights",
