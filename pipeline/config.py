@@ -19,6 +19,8 @@ from bnn_core.quantizers import SIGN_GRADIENTS
 #: The Hydra config folder, absolute so entry points work from any module and any working directory.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
+#: Where round 2 starts: round 1 (the paper) or random shadow weights (no pretraining).
+FINETUNE_INITS = ("pretrained", "random")
 DATA_SOURCES = ("mnist5k", "idx", "mnist", "fashion_mnist")
 
 
@@ -120,11 +122,13 @@ class PretrainConfig(OptimConfig):
 class FinetuneConfig(OptimConfig):
     sparsity: float = 0.0
     grad: str = "identity"
+    init: str = "pretrained"
 
     def __post_init__(self) -> None:
         self.check("finetune")
         _require(0.0 <= self.sparsity < 1.0, "finetune.sparsity", "must be in [0, 1)", self.sparsity)
         _require(self.grad in SIGN_GRADIENTS, "finetune.grad", f"must be one of {tuple(SIGN_GRADIENTS)}", self.grad)
+        _require(self.init in FINETUNE_INITS, "finetune.init", f"must be one of {FINETUNE_INITS}", self.init)
 
 
 @dataclass

@@ -23,7 +23,11 @@ def run(ctx: StageContext) -> None:
             "data.binarize.method: the bitwise network needs binary inputs (threshold or lloyd_max); "
             "'real' is for the real-valued baselines"
         )
-    network = BitwiseMLP.from_compressed(load_compressed(ctx.artifacts.pretrained), optim.sparsity, optim.grad)
+    if optim.init == "pretrained":
+        network = BitwiseMLP.from_compressed(load_compressed(ctx.artifacts.pretrained), optim.sparsity, optim.grad)
+    else:  # "random": the same noisy backpropagation without round 1 (shadow weights uniform in [-1, 1])
+        hidden, n_out = list(ctx.config.model.hidden), ctx.config.data.n_classes
+        network = BitwiseMLP(splits.n_features, hidden, n_out, optim.sparsity, optim.grad)
     architecture = {
         "n_in": splits.n_features,
         "hidden": [w.shape[0] for w in network.weights[:-1]],
