@@ -40,5 +40,5 @@ params: $(STAMP)
 # MLflow UI on the project's store, local only.
 MLFLOW_PORT ?= 5000
 dashboard: $(STAMP)
-	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlruns \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlruns \
 	  --host 127.0.0.1 --port $(MLFLOW_PORT)

@@ -1,0 +1,247 @@
+"""The MLflow store a real pipeline run fills, read back over the REST API of `mlflow server`.
+
+One project copy (module scope) gets a tiny `dvc repro` (smoke) and, at the same time, a tiny 2-job
+sweep of ``pipeline.run`` (smoke), both writing the project's SQLite store; then `mlflow server` serves
+that store and the tests query it as the dashboard (`make dashboard`) would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT_FILES, ROOT, compose_params, project_env, run
+
+pytestmark = pytest.mark.slow
+SMOKE = ["experiment=smoke"]
+SWEEP = [0.0, 0.5]
+#: The evaluation metrics the README documents (pipeline.evaluate.log_evaluation), on every evaluation.
+DOCUMENTED_METRICS = (
+    "test/accuracy",
+    "test/error",
+    "cost/binary_macs",
+    "cost/weight_bits",
+    "cost/macs_ratio",
+    "speed/speedup_vs_float",
+)
+#: Smoke network 784-64-64-10 without zero weights: one binary MAC per weight and bias.
+SMOKE_BINARY_MACS = 64 * 785 + 64 * 65 + 10 * 65
+SERVER_START_TIMEOUT_S = 90
+
+
+def copy_project(dest: Path) -> Path:
+    """What tests/conftest.py's ``project_copy`` makes, for a module-scoped fixture."""
+    dest.mkdir()
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if not src.exists():
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, target)
+    run(["git", "init", "-q"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def filled_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    project = copy_project(tmp_path_factory.mktemp("tracking") / "project")
+    compose_params(project, SMOKE)
+    # Create the store and the experiment first, so the two writers below never race to create its tables.
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{project / 'mlflow.db'}").create_experiment(
+        "bitwise-nn", artifact_location=(project / "mlruns").as_uri()
+    )
+    log = project.parent / "dvc_repro.log"
+    with log.open("w") as out:
+        dvc = subprocess.Popen(
+            ["dvc", "repro", "evaluate"], cwd=project, env=project_env(), stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            sweep_values = ",".join(map(str, SWEEP))
+            run(["python", "-m", "pipeline.run", "-m", *SMOKE, f"finetune.sparsity={sweep_values}"], project)
+        finally:
+            returncode = dvc.wait(timeout=600)
+    assert returncode == 0, log.read_text()
+    return project
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(filled_project: Path) -> Iterator[str]:
+    """`mlflow server` on the filled store, on a free local port; its base URL."""
+    port = free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    log = (filled_project.parent / "mlflow_server.log").open("w")
+    process = subprocess.Popen(
+        [
+            str(mlflow_bin),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{filled_project / 'mlflow.db'}",
+            "--default-artifact-root",
+            (filled_project / "mlruns").as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=filled_project,
+        # No background job runner (GenAI evaluation jobs): a lighter server that stops at once.
+        env=project_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the teardown stops the server and its workers
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            assert process.poll() is None, (filled_project.parent / "mlflow_server.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, f"mlflow server not healthy after {SERVER_START_TIMEOUT_S} s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=15)
+        log.close()
+
+
+def api(url: str, endpoint: str, payload: dict | None = None, **query: str) -> dict:
+    """GET (no payload) or POST a JSON payload to MLflow's REST API."""
+    address = f"{url}/api/2.0/mlflow/{endpoint}"
+    if query:
+        address += "?" + "&".join(f"{k}={urllib.request.quote(v)}" for k, v in query.items())
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(address, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def flat(run: dict, field: str) -> dict:
+    return {item["key"]: item["value"] for item in run["data"].get(field, [])}
+
+
+@pytest.fixture(scope="module")
+def runs(server: str) -> list[dict]:
+    """Every run of the experiment, as the REST API returns it, with tags/params/metrics as dicts."""
+    experiment = api(server, "experiments/get-by-name", experiment_name="bitwise-nn")["experiment"]
+    found = api(server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000})
+    for r in found["runs"]:
+        r["tags"], r["params"], r["metrics"] = (flat(r, f) for f in ("tags", "params", "metrics"))
+    return found["runs"]
+
+
+def family(runs: list[dict]) -> dict[str, tuple[dict, list[dict]]]:
+    """``{parent run name prefix ('pipeline' or 'sweep'): (parent, children)}``."""
+    parents = [r for r in runs if r["tags"].get("kind") == "parent"]
+    result = {}
+    for parent in parents:
+        children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parent["info"]["run_id"]]
+        result[parent["info"]["run_name"].split()[0]] = (parent, children)
+    return result
+
+
+def check_documented_metrics(run: dict, binary_macs: int | None) -> None:
+    metrics = run["metrics"]
+    missing = [name for name in DOCUMENTED_METRICS if name not in metrics]
+    assert not missing, (run["info"]["run_name"], missing)
+    assert 0 < metrics["test/accuracy"] <= 1
+    assert metrics["test/error"] == pytest.approx(1 - metrics["test/accuracy"])
+    assert metrics["cost/weight_bits"] > 0 and metrics["cost/macs_ratio"] >= 1
+    assert metrics["speed/speedup_vs_float"] > 0
+    if binary_macs is not None:
+        assert metrics["cost/binary_macs"] == binary_macs
+    else:
+        assert 0 < metrics["cost/binary_macs"] < SMOKE_BINARY_MACS
+
+
+def test_server_serves_one_parent_per_pipeline_execution(runs):
+    families = family(runs)
+    assert sorted(families) == ["pipeline", "sweep"]
+    assert all(r["info"]["status"] == "FINISHED" for r in runs)
+    assert all(r["tags"]["kind"] in ("parent", "stage") for r in runs)
+    # Every run is either a parent or the child of one.
+    assert len(runs) == sum(1 + len(children) for _, children in families.values())
+
+
+def test_dvc_repro_stages_are_children_of_its_parent_run(runs):
+    parent, children = family(runs)["pipeline"]
+    assert sorted(r["tags"]["stage"] for r in children) == ["binarize", "evaluate", "finetune", "pretrain"]
+    for child in children:
+        assert child["tags"]["kind"] == "stage"
+        assert child["tags"]["pipeline_run"] == parent["tags"]["pipeline_run"]
+        assert child["params"]["model.hidden"] == "[64, 64]"
+    (evaluate,) = (r for r in children if r["tags"]["stage"] == "evaluate")
+    check_documented_metrics(evaluate, SMOKE_BINARY_MACS)
+    assert evaluate["metrics"]["test/agreement"] == 1.0
+
+
+def test_sweep_jobs_are_children_of_the_sweep_run(runs):
+    parent, children = family(runs)["sweep"]
+    assert parent["info"]["run_name"].startswith("sweep outputs/sweeps/")
+    assert parent["tags"]["hydra_overrides"] == "experiment=smoke finetune.sparsity=0.0,0.5"
+    children.sort(key=lambda r: float(r["params"]["finetune.sparsity"]))
+    assert [float(r["params"]["finetune.sparsity"]) for r in children] == SWEEP
+    for child, sparsity in zip(children, SWEEP, strict=True):
+        assert child["tags"]["kind"] == "stage" and child["tags"]["stage"] == "pipeline"
+        assert child["tags"]["hydra_overrides"] == f"experiment=smoke finetune.sparsity={sparsity}"
+        assert child["info"]["run_name"] == f"pipeline experiment=smoke finetune.sparsity={sparsity}"
+        check_documented_metrics(child, SMOKE_BINARY_MACS if sparsity == 0 else None)
+        assert "finetune/best_val_accuracy" in child["metrics"]
+    # Round 1 is computed once for the sweep (stage cache): its curves are in the run of the job that ran it.
+    assert sum("pretrain/best_val_accuracy" in r["metrics"] for r in children) >= 1
+
+
+def test_runs_compare_across_the_two_executions(runs, server):
+    """The same configuration through DVC and through the sweep runner gives the same model and metrics."""
+    (evaluate,) = (r for r in family(runs)["pipeline"][1] if r["tags"]["stage"] == "evaluate")
+    (job,) = (r for r in family(runs)["sweep"][1] if r["params"]["finetune.sparsity"] == "0.0")
+    for name in ("test/accuracy", "cost/binary_macs", "cost/weight_bits"):
+        assert job["metrics"][name] == evaluate["metrics"][name], name
+    # The search API's filter, as the dashboard's search box uses it.
+    experiment_id = evaluate["info"]["experiment_id"]
+    found = api(
+        server,
+        "runs/search",
+        {"experiment_ids": [experiment_id], "filter": "metrics.`cost/binary_macs` < 50000", "max_results": 100},
+    )
+    assert [r["info"]["run_id"] for r in found["runs"]] == [
+        r["info"]["run_id"] for r in family(runs)["sweep"][1] if r["params"]["finetune.sparsity"] == "0.5"
+    ]
