@@ -33,7 +33,7 @@ class _Classifier(L.LightningModule):
         loss = nn.functional.cross_entropy(scores * self.loss_scale, y)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
-                f"{self.stage_name}: {split} loss became {loss.item()} at epoch {self.current_epoch}; "
+                f"{split} loss became {loss.item()} at epoch {self.current_epoch} of {self.stage_name}; "
                 "lower the learning rate"
             )
         accuracy = (scores.argmax(dim=1) == y).float().mean()
@@ -50,6 +50,17 @@ class _Classifier(L.LightningModule):
 
     def test_step(self, batch, batch_idx):  # type: ignore[override]
         self._step(batch, "test")
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:  # type: ignore[override]
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        except RuntimeError as err:
+            # torch refuses a step whose size overflows float32 (learning rate above ~3e37)
+            if "overflow" not in str(err):
+                raise
+            raise TrainingDivergedError(
+                f"the optimizer step overflowed at epoch {epoch} of {self.stage_name} ({err}); lower the learning rate"
+            ) from None
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.network.parameters(), lr=self.lr, weight_decay=self.weight_decay)

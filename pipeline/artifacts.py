@@ -92,9 +92,13 @@ def read_features(path: Path) -> FeatureSplits:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """A torch checkpoint of tensors and plain values only, so it loads with ``weights_only=True``."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    """A torch checkpoint of tensors and plain values only, so it loads with ``weights_only=True``.
+
+    Saved through a file object: given a path, torch names the archive's inner folder after the (random)
+    temporary file, and equal checkpoints would differ in bytes (and in DVC hash) from run to run.
+    """
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        torch.save(payload, handle)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

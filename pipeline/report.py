@@ -171,7 +171,8 @@ def run(ctx: StageContext) -> None:
     input_name = ctx.config.data.binarize.method
     rows = comparison_rows(metrics, baselines, input_name)
     current = (float(metrics["bnn"]["binary_macs_per_example"]), metrics["bnn"]["test_accuracy"])
-    tracked = tracked_tradeoffs(ctx.config.tracking.uri, ctx.config.tracking.experiment)
+    # A store the stage's tracker could not reach was reported once already: don't try (and warn) again.
+    tracked = tracked_tradeoffs(ctx.config.tracking.uri, ctx.config.tracking.experiment) if ctx.tracker.run_id else []
     plot_tradeoff(tracked, current, reports / "tradeoff.png")
     plot_curves(
         {stage: read_history(artifacts.history(stage)) for stage in ("pretrain", "finetune")},
