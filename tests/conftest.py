@@ -41,11 +41,9 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess
     return result
 
 
-@pytest.fixture
-def project_copy(tmp_path: Path) -> Path:
-    """The project's tracked sources in a fresh git repository (DVC experiments need a commit)."""
-    dest = tmp_path / "project"
-    dest.mkdir()
+def copy_sources(dest: Path) -> Path:
+    """The project's tracked sources copied into ``dest`` (no git repository)."""
+    dest.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         src = ROOT / name
         if not src.exists():
@@ -56,10 +54,22 @@ def project_copy(tmp_path: Path) -> Path:
             shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, target)
+    return dest
+
+
+def git_project(dest: Path) -> Path:
+    """The sources in a fresh git repository with one commit (DVC experiments need a commit)."""
+    copy_sources(dest)
     run(["git", "init", "-q"], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], dest)
     return dest
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    """A throw-away copy of the project in its own git repository."""
+    return git_project(tmp_path / "project")
 
 
 def compose_params(project: Path, overrides: list[str]) -> None:

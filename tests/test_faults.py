@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT_FILES, ROOT, compose_params, project_env, run
+from tests.conftest import ROOT, compose_params, copy_sources, git_project, project_env, run
 
 pytestmark = pytest.mark.slow
 SMOKE = ["experiment=smoke"]
@@ -42,30 +42,6 @@ def stage(project: Path, name: str, *overrides: str) -> subprocess.CompletedProc
 def last_line(text: str) -> str:
     lines = text.strip().splitlines()
     return lines[-1] if lines else ""
-
-
-def copy_sources(dest: Path) -> Path:
-    """The project's sources (as tests.conftest.project_copy copies them), without a git repository."""
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if not src.exists():
-            continue
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, target)
-    return dest
-
-
-def git_project(dest: Path) -> Path:
-    """A copy as tests.conftest.project_copy makes it (DVC wants a git repository), for module fixtures."""
-    copy_sources(dest)
-    run(["git", "init", "-q"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], dest)
-    return dest
 
 
 def free_port() -> int:

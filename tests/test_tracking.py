@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT_FILES, ROOT, compose_params, project_env, run
+from tests.conftest import compose_params, git_project, project_env, run
 
 pytestmark = pytest.mark.slow
 SMOKE = ["experiment=smoke"]
@@ -41,28 +40,9 @@ SMOKE_BINARY_MACS = 64 * 785 + 64 * 65 + 10 * 65
 SERVER_START_TIMEOUT_S = 90
 
 
-def copy_project(dest: Path) -> Path:
-    """What tests/conftest.py's ``project_copy`` makes, for a module-scoped fixture."""
-    dest.mkdir()
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if not src.exists():
-            continue
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, target)
-    run(["git", "init", "-q"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], dest)
-    return dest
-
-
 @pytest.fixture(scope="module")
 def filled_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = copy_project(tmp_path_factory.mktemp("tracking") / "project")
+    project = git_project(tmp_path_factory.mktemp("tracking") / "project")
     compose_params(project, SMOKE)
     # Create the store and the experiment first, so the two writers below never race to create its tables.
     from mlflow.tracking import MlflowClient
