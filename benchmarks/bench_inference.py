@@ -371,9 +371,9 @@ def main() -> None:
     def naive_chain(x_bits):
         words = K.pack_input_bits(x_bits)
         for lay in packed.layers[:-1]:
-            words = K.pack_input_bits(K.preactivations_naive(words, lay.signs, lay.mask, K.layer_offset(lay)) >= 0)
+            words = K.pack_input_bits(K.preactivations_naive(words, lay.signs, lay.mask, lay.offset) >= 0)
         last = packed.layers[-1]
-        return K.preactivations_naive(words, last.signs, last.mask, K.layer_offset(last))
+        return K.preactivations_naive(words, last.signs, last.mask, last.offset)
 
     results: dict = {}
     table = []

@@ -72,7 +72,7 @@ class FeatureSplits:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Compact arrays for an ``.npz``: bipolar inputs as packed bits (8 per byte), real ones as float32."""
-        binary = bool(np.isin(self.x_train, (-1.0, 1.0)).all())
+        binary = self.is_binary()
         arrays: dict[str, np.ndarray] = {
             "n_features": np.array(self.n_features),
             "packed": np.array(binary),

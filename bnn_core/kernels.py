@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnn_core.packed import WORD_BITS, PackedLayer, PackedNetwork, n_words, pack_bits
+from bnn_core.packed import WORD_BITS, PackedNetwork, n_words, pack_bits
 
 LANES = 8  # uint64 lanes in one 512-bit vector
 TILE_OUT = WORD_BITS  # output units per tile: one output word
@@ -128,11 +128,6 @@ def _check(x_words, signs, mask, offset):
     if offset.shape != (signs.shape[0],):
         raise ValueError(f"offset must have shape ({signs.shape[0]},), got {offset.shape}")
     return x_words, signs, mask, offset
-
-
-def layer_offset(layer: PackedLayer) -> np.ndarray:
-    """``bias - popcount(mask row)`` as int64: the ``offset`` argument of the kernels."""
-    return layer.bias.astype(np.int64) - layer.mask_counts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -578,8 +573,8 @@ def preactivations(x_words: np.ndarray, signs: np.ndarray, mask: np.ndarray, off
     """``a[i, o] = 2 * sum_w popcount(~(x[i,w] ^ signs[o,w]) & mask[o,w]) + offset[o]`` as ``int32 [n, n_out]``.
 
     ``x_words uint64 [n, W]``, ``signs``/``mask uint64 [n_out, W]``, ``offset int64 [n_out]`` (``bias -
-    popcount(mask row)``, see :func:`layer_offset`). Re-lays out the weights on every call (O(n_out W));
-    keep a :class:`KernelLayer` (:func:`prepare_layer`) for repeated calls.
+    popcount(mask row)``, see :attr:`bnn_core.packed.PackedLayer.offset`). Re-lays out the weights on every
+    call (O(n_out W)); keep a :class:`KernelLayer` (:func:`prepare_layer`) for repeated calls.
     """
     x_words, signs, mask, offset = _check(x_words, signs, mask, offset)
     if not FAST_KERNEL_AVAILABLE or _fast_failure is not None:
@@ -641,9 +636,9 @@ class KernelNetwork:
     def from_packed(cls, net: PackedNetwork) -> KernelNetwork:
         layers = []
         for lay in net.layers:
-            fast = prepare_layer(lay.signs, lay.mask, layer_offset(lay))
+            fast = prepare_layer(lay.signs, lay.mask, lay.offset)
             if not fast.masked and fast.input_bits != lay.n_in:  # zero columns at the end: keep the mask
-                fast = prepare_layer(lay.signs, lay.mask, layer_offset(lay), allow_unmasked=False)
+                fast = prepare_layer(lay.signs, lay.mask, lay.offset, allow_unmasked=False)
             layers.append(fast)
         layers = tuple(layers)
         for prev, nxt in itertools.pairwise(layers):

@@ -71,15 +71,15 @@ class PackedLayer:
         return (np.where(signs, 1, -1) * mask).astype(np.int8), self.bias.copy()
 
     @property
-    def mask_counts(self) -> np.ndarray:
-        """``popcount(m)`` per unit: the number of nonzero weights."""
-        return np.bitwise_count(self.mask).sum(axis=1, dtype=np.int64)
+    def offset(self) -> np.ndarray:
+        """``bias - popcount(m)`` per unit (int64): the constant term of ``a = 2 * agreements + offset``."""
+        return self.bias.astype(np.int64) - np.bitwise_count(self.mask).sum(axis=1, dtype=np.int64)
 
 
 def preactivations_numpy(x_words: np.ndarray, layer: PackedLayer, rows_per_chunk: int = 64) -> np.ndarray:
     """Integer pre-activations ``int32 [n, n_out]`` of one layer for packed inputs ``x_words [n, words]``."""
     out = np.empty((len(x_words), layer.n_out), dtype=np.int32)
-    offset = layer.bias.astype(np.int64) - layer.mask_counts
+    offset = layer.offset
     for start in range(0, len(x_words), rows_per_chunk):
         x = x_words[start : start + rows_per_chunk, None, :]
         agreements = np.bitwise_count(~(x ^ layer.signs[None]) & layer.mask[None]).sum(axis=2, dtype=np.int64)

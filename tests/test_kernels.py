@@ -56,7 +56,7 @@ def test_kernel_equals_numpy_engine_and_integer_matmul(n, n_in, n_out, zero_frac
     x = rng.choice([-1, 1], (n, n_in))
     layer = PackedLayer.from_ternary(w, b)
     words = pack_bits(x > 0)
-    offset = K.layer_offset(layer)
+    offset = layer.offset
     expected = preactivations_numpy(words, layer)
     np.testing.assert_array_equal(expected, integer_matmul(x, w, b))
     with force_parallel() if parallel else mock.patch.object(K, "PARALLEL_MIN_WORK", 1 << 60):
@@ -77,7 +77,7 @@ def test_full_and_all_zero_masks(zero_fraction):
     w, b = random_layer(rng, 200, 130, zero_fraction)
     x = rng.choice([-1, 1], (9, 200))
     layer = PackedLayer.from_ternary(w, b)
-    got = K.preactivations(pack_bits(x > 0), layer.signs, layer.mask, K.layer_offset(layer))
+    got = K.preactivations(pack_bits(x > 0), layer.signs, layer.mask, layer.offset)
     np.testing.assert_array_equal(got, integer_matmul(x, w, b))
     if zero_fraction == 1.0:
         np.testing.assert_array_equal(got, np.broadcast_to(b, got.shape))  # only the bias is left
@@ -92,7 +92,7 @@ def test_ties_at_zero_happen_and_give_bit_one():
         x = rng.choice([-1, 1], (40, n_in))
         layer = PackedLayer.from_ternary(w, b)
         words = pack_bits(x > 0)
-        offset = K.layer_offset(layer)
+        offset = layer.offset
         a = K.preactivations(words, layer.signs, layer.mask, offset)
         np.testing.assert_array_equal(a, integer_matmul(x, w, b))
         bits = K.forward_layer_bits(words, layer.signs, layer.mask, offset)
@@ -112,7 +112,7 @@ def test_unmasked_kernel_ignores_padding_bits_set_by_the_caller():
     w, b = random_layer(rng, 100, 70, 0.0)
     x = rng.choice([-1, 1], (12, 100))
     layer = PackedLayer.from_ternary(w, b)
-    offset = K.layer_offset(layer)
+    offset = layer.offset
     assert not K.prepare_layer(layer.signs, layer.mask, offset).masked
     words = pack_bits(x > 0)
     noisy_words = words | np.array([0, ~np.uint64(0) << np.uint64(36)], dtype=np.uint64)  # bits 100..127
@@ -143,7 +143,7 @@ def test_output_bits_padding_is_zero_and_bit_order_matches_pack_bits():
     # 70 units that all fire: word 0 all ones, word 1 has exactly bits 0..5.
     w = np.ones((70, 5), dtype=int)
     layer = PackedLayer.from_ternary(w, np.ones(70))
-    bits = K.forward_layer_bits(pack_bits(np.ones((1, 5), bool)), layer.signs, layer.mask, K.layer_offset(layer))
+    bits = K.forward_layer_bits(pack_bits(np.ones((1, 5), bool)), layer.signs, layer.mask, layer.offset)
     assert bits[0, 0] == np.uint64(2**64 - 1)
     assert bits[0, 1] == np.uint64(0b111111)
 
@@ -191,7 +191,7 @@ def test_fallback_path_gives_identical_results():
     fast = K.KernelNetwork.from_packed(packed)
     layer = packed.layers[0]
     words = pack_bits(x)
-    args = (words, layer.signs, layer.mask, K.layer_offset(layer))
+    args = (words, layer.signs, layer.mask, layer.offset)
     fast_results = (fast.forward_counts(x), K.preactivations(*args), K.forward_layer_bits(*args), K.pack_input_bits(x))
     with force_fallback():
         assert K.kernel_name().startswith("numpy-fallback")
@@ -256,14 +256,14 @@ def test_naive_numba_kernel_agrees():
     x = rng.choice([-1, 1], (20, 300))
     layer = PackedLayer.from_ternary(w, b)
     words = pack_bits(x > 0)
-    got = K.preactivations_naive(words, layer.signs, layer.mask, K.layer_offset(layer))
+    got = K.preactivations_naive(words, layer.signs, layer.mask, layer.offset)
     np.testing.assert_array_equal(got, integer_matmul(x, w, b))
 
 
 def test_empty_batch_and_bad_shapes():
     rng = np.random.default_rng(1)
     layer = PackedLayer.from_ternary(*random_layer(rng, 70, 20, 0.0))
-    offset = K.layer_offset(layer)
+    offset = layer.offset
     empty = np.zeros((0, 2), np.uint64)
     assert K.preactivations(empty, layer.signs, layer.mask, offset).shape == (0, 20)
     assert K.forward_layer_bits(empty, layer.signs, layer.mask, offset).shape == (0, 1)
