@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from bnn_core.errors import ConfigError
@@ -85,8 +86,19 @@ def nonzero_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     n_zero = round(sparsity * w.numel())
     if n_zero == 0:
         return torch.ones_like(w, dtype=torch.bool)
-    beta = w.detach().abs().flatten().kthvalue(n_zero).values
-    return w.detach().abs() > beta
+    magnitude = w.detach().abs()
+    return magnitude > kth_smallest(magnitude.flatten(), n_zero)
+
+
+def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest (1-based) of a flat tensor.
+
+    Recomputed for every layer at every training step, so speed matters: on CPU numpy's introselect
+    (``np.partition``) is about 25x faster than ``torch.kthvalue`` for a 1024 x 1568 layer (same value).
+    """
+    if values.device.type == "cpu":
+        return torch.as_tensor(np.partition(values.numpy(), k - 1)[k - 1])
+    return values.kthvalue(k).values
 
 
 def ternarize(w: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -6,7 +6,15 @@ import torch
 
 from bnn_core.errors import ConfigError
 from bnn_core.networks import BitwiseMLP, CompressedMLP
-from bnn_core.quantizers import SIGN_GRADIENTS, binarize, nonzero_mask, sign, sign_activation, ternarize
+from bnn_core.quantizers import (
+    SIGN_GRADIENTS,
+    binarize,
+    kth_smallest,
+    nonzero_mask,
+    sign,
+    sign_activation,
+    ternarize,
+)
 
 
 def test_sign_of_zero_is_plus_one():
@@ -27,6 +35,13 @@ def test_zeroed_weights_are_the_smallest_in_magnitude():
     w = torch.tensor([[0.5, -0.1, 0.05], [-0.9, 0.2, -0.01]])
     np.testing.assert_array_equal(nonzero_mask(w, 0.5).numpy(), [[True, False, False], [True, True, False]])
     np.testing.assert_array_equal(ternarize(w, 0.5).detach().numpy(), [[1, 0, 0], [-1, 1, 0]])
+
+
+@pytest.mark.parametrize("k", [1, 2, 500, 999, 1000])
+def test_kth_smallest_is_torchs_kthvalue(k):
+    generator = torch.Generator().manual_seed(k)
+    values = torch.randint(-20, 20, (1000,), generator=generator).float() / 7  # with many ties
+    assert kth_smallest(values, k).item() == values.kthvalue(k).values.item()
 
 
 def test_weights_and_biases_pass_gradients_straight_through():
