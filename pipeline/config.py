@@ -6,6 +6,7 @@ out of range ends the stage with a :class:`ConfigError` naming the key.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,8 +109,13 @@ class OptimConfig:
     def check(self, stage: str) -> None:
         _require(self.epochs >= 1, f"{stage}.epochs", "must be >= 1", self.epochs)
         _require(self.batch_size >= 1, f"{stage}.batch_size", "must be >= 1", self.batch_size)
-        _require(self.lr > 0, f"{stage}.lr", "must be > 0", self.lr)
-        _require(self.weight_decay >= 0, f"{stage}.weight_decay", "must be >= 0", self.weight_decay)
+        _require(math.isfinite(self.lr) and self.lr > 0, f"{stage}.lr", "must be finite and > 0", self.lr)
+        _require(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"{stage}.weight_decay",
+            "must be finite and >= 0",
+            self.weight_decay,
+        )
 
 
 @dataclass
@@ -131,10 +137,26 @@ class FinetuneConfig(OptimConfig):
         _require(self.init in FINETUNE_INITS, "finetune.init", f"must be one of {FINETUNE_INITS}", self.init)
 
 
+#: Lightning accelerators a stage may ask for; ``auto`` picks a GPU when there is one.
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+
+
 @dataclass
 class TrainerConfig:
     accelerator: str = "cpu"
     progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _require(
+            self.accelerator in ACCELERATORS, "trainer.accelerator", f"must be one of {ACCELERATORS}", self.accelerator
+        )
+
+
+@dataclass
+class ChainConfig:
+    """``pipeline.run`` only: optional stages each job adds to binarize -> ... -> evaluate."""
+
+    baselines: bool = False  # the real-valued rows of the paper's comparison (experiment=paper_table1)
 
 
 @dataclass
@@ -161,6 +183,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    chain: ChainConfig = field(default_factory=ChainConfig)
 
 
 def validate(cfg: DictConfig) -> Config:

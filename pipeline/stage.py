@@ -17,9 +17,10 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
-from bnn_core.errors import BnnError
+from bnn_core.errors import BnnError, ConfigError
 from pipeline.artifacts import Artifacts, link_inputs
 from pipeline.config import CONF_DIR, Config, flatten, validate
 from pipeline.files import fail
@@ -37,17 +38,21 @@ class StageContext:
     tracker: StageTracker
 
     def trainer(self, epochs: int, callbacks: list[L.Callback]) -> L.Trainer:
-        return L.Trainer(
-            max_epochs=epochs,
-            accelerator=self.config.trainer.accelerator,
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=self.config.trainer.progress_bar,
-            deterministic=True,
-            callbacks=callbacks,
-        )
+        """One device; ``deterministic=True`` (on CUDA Lightning also sets ``CUBLAS_WORKSPACE_CONFIG``)."""
+        try:
+            return L.Trainer(
+                max_epochs=epochs,
+                accelerator=self.config.trainer.accelerator,
+                devices=1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=self.config.trainer.progress_bar,
+                deterministic=True,
+                callbacks=callbacks,
+            )
+        except MisconfigurationException as err:  # e.g. accelerator=gpu on a machine without one
+            raise ConfigError(f"trainer.accelerator={self.config.trainer.accelerator}: {err}") from None
 
 
 def hydra_tags() -> dict[str, str]:

@@ -57,6 +57,9 @@ def test_params_yaml_is_the_composition_of_conf():
         ("model.hidden=[64,0]", "model.hidden"),
         ("pretrain.lr=0", "pretrain.lr"),
         ("finetune.lr=-1e-3", "finetune.lr"),
+        ("finetune.lr=inf", "finetune.lr"),
+        ("pretrain.weight_decay=nan", "pretrain.weight_decay"),
+        ("trainer.accelerator=tpu", "trainer.accelerator"),
         ("pretrain.epochs=0", "pretrain.epochs"),
         ("model.dropout_hidden=1.0", "model.dropout_hidden"),
         ("data=idx", "data.path"),
@@ -73,3 +76,28 @@ def test_unknown_key_names_the_key():
     cfg.finetune.sparsty = 0.5
     with pytest.raises(ConfigError, match=r"finetune\.sparsty"):
         validate(cfg)
+
+
+def stage_context(overrides: list[str]):
+    from pipeline.stage import StageContext
+
+    config = validate(composed(overrides))
+    return StageContext("pretrain", config, composed(overrides), None, None)  # type: ignore[arg-type]
+
+
+def test_accelerator_auto_picks_a_gpu_when_there_is_one():
+    import torch
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    trainer = stage_context(["trainer.accelerator=auto"]).trainer(1, [])
+    expected = CUDAAccelerator if torch.cuda.is_available() else CPUAccelerator
+    assert isinstance(trainer.accelerator, expected)
+
+
+def test_asking_for_a_missing_gpu_is_a_config_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match=r"trainer\.accelerator=gpu: No supported gpu backend found"):
+        stage_context(["trainer.accelerator=gpu"]).trainer(1, [])
