@@ -13,6 +13,7 @@ Convention (in the spirit of ``larq.models.summary``; documented in the README):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -90,6 +91,13 @@ class CostReport:
             f"32-bit MACs / binary MACs = {s['macs_ratio']:.2f}; float32 bits / binary bits = {s['memory_ratio']:.2f}"
         )
         return "\n".join(lines)
+
+
+def real_valued_cost(layer_sizes: list[int]) -> dict[str, int]:
+    """32-bit MACs per example and weight bits of a real-valued network with these layer widths
+    (input first): ``sum n_out * (n_in + 1)`` parameters, each one MAC and 32 bits."""
+    parameters = sum(n_out * (n_in + 1) for n_in, n_out in itertools.pairwise(layer_sizes))
+    return {"macs_per_example": parameters, "weight_bits": FLOAT_BITS * parameters}
 
 
 def cost_report(layers: list[np.ndarray]) -> CostReport:

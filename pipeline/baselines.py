@@ -2,7 +2,8 @@
 
 A plain real-valued network (tanh activations, dropout, no weight compression) with the architecture and
 budget of ``pretrain``, once on real pixels scaled to [-1, 1] and once on the binary input features.
-Output: ``reports/baselines.json`` (test accuracy of each, best validation epoch).
+Output: ``reports/baselines.json`` (test accuracy of each, best validation epoch, number of inputs, and
+cost: 32-bit MACs per example and weight bits).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bnn_core.cost import real_valued_cost
 from bnn_core.data_module import FeatureDataModule, FeatureSplits, split_source
 from bnn_core.input_encoders import RealScaler
 from bnn_core.lightning_modules import BestValidationState, PretrainModule
@@ -39,7 +41,12 @@ def train_real_valued(ctx: StageContext, splits: FeatureSplits) -> dict[str, flo
     network.eval()
     with torch.no_grad():
         predictions = network(torch.from_numpy(splits.x_test)).argmax(dim=1).numpy()
-    return {"test_accuracy": float(np.mean(predictions == splits.y_test)), "best_epoch": best.best_epoch}
+    return {
+        "test_accuracy": float(np.mean(predictions == splits.y_test)),
+        "best_epoch": best.best_epoch,
+        "n_inputs": splits.n_features,
+        **real_valued_cost([splits.n_features, *model.hidden, ctx.config.data.n_classes]),
+    }
 
 
 def run(ctx: StageContext) -> None:

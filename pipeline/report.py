@@ -2,9 +2,7 @@
 every run in the MLflow experiment (Pareto front, current run marked), and the training curves of both
 rounds (PNGs beside it, so nothing needs the internet to view).
 
-Cost convention for the comparison (README, "Cost accounting"): real-valued networks do 32-bit MACs,
-counted as 32 x 32 = 1024 bit operations each (QONNX BOPs); the bitwise network does one XNOR-popcount
-bit operation per nonzero weight and bias.
+The comparison's rows and cost convention: :mod:`pipeline.comparison`.
 """
 
 from __future__ import annotations
@@ -19,29 +17,9 @@ import matplotlib
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt
 
+from pipeline.comparison import comparison_rows, encoding_name, render_rows
 from pipeline.files import atomic_path, write_json, write_text
 from pipeline.stage import StageContext, stage_main
-
-FLOAT_BOPS_PER_MAC = 32 * 32
-
-
-def comparison_rows(metrics: dict, baselines: dict, input_name: str) -> list[dict]:
-    """The paper's four networks: real-valued (real / binary input), tanh-compressed, bitwise."""
-    real_macs, real_bits = metrics["real"]["macs_per_example"], metrics["real"]["weight_bits"]
-    real = {"macs": real_macs, "bit_ops": real_macs * FLOAT_BOPS_PER_MAC, "weight_bits": real_bits}
-    return [
-        {"network": "real", "input": "real", "test_accuracy": baselines["real_input"]["test_accuracy"], **real},
-        {"network": "real", "input": input_name, "test_accuracy": baselines["binary_input"]["test_accuracy"], **real},
-        {"network": "compressed", "input": input_name, "test_accuracy": metrics["real"]["test_accuracy"], **real},
-        {
-            "network": "bnn",
-            "input": input_name,
-            "test_accuracy": metrics["bnn"]["test_accuracy"],
-            "macs": metrics["bnn"]["binary_macs_per_example"],
-            "bit_ops": metrics["bnn"]["binary_macs_per_example"],
-            "weight_bits": metrics["bnn"]["weight_bits"],
-        },
-    ]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -122,16 +100,6 @@ def plot_curves(histories: dict[str, dict[str, list[float]]], path: Path) -> Non
 
 
 def render(rows: list[dict], metrics: dict, n_tracked: int) -> str:
-    table = [
-        "| network | input | test error | MACs / example | bit-ops / example | weight bits |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        kind = "binary" if row["network"] == "bnn" else "32-bit"
-        table.append(
-            f"| {row['network']} | {row['input']} | {100 * (1 - row['test_accuracy']):.2f}% | "
-            f"{row['macs']:,} {kind} | {row['bit_ops']:,} | {row['weight_bits']:,} |"
-        )
     bnn, real = metrics["bnn"], metrics["real"]
     return "\n".join(
         [
@@ -139,7 +107,7 @@ def render(rows: list[dict], metrics: dict, n_tracked: int) -> str:
             "",
             "## The paper's comparison (Kim & Smaragdis 2016, Table 1 layout)",
             "",
-            *table,
+            *render_rows(rows),
             "",
             f"Bitwise vs. its real-valued twin: {100 * (bnn['test_accuracy'] - real['test_accuracy']):+.2f} points of "
             f"test accuracy, {metrics['ratios']['weight_bits']:.1f}x less weight memory, "
@@ -168,8 +136,7 @@ def run(ctx: StageContext) -> None:
     reports = artifacts.metrics.parent
     metrics = json.loads(artifacts.metrics.read_text())
     baselines = json.loads(artifacts.baselines.read_text())
-    input_name = ctx.config.data.binarize.method
-    rows = comparison_rows(metrics, baselines, input_name)
+    rows = comparison_rows(metrics, baselines, encoding_name(ctx.config.data.binarize))
     current = (float(metrics["bnn"]["binary_macs_per_example"]), metrics["bnn"]["test_accuracy"])
     # A store the stage's tracker could not reach was reported once already: don't try (and warn) again.
     tracked = tracked_tradeoffs(ctx.config.tracking.uri, ctx.config.tracking.experiment) if ctx.tracker.run_id else []

@@ -1,4 +1,5 @@
-"""The whole chain in one process: binarize -> pretrain -> finetune -> evaluate, for sweeps.
+"""The whole chain in one process: binarize -> pretrain -> finetune -> evaluate (+ baselines when
+``chain.baselines``), for sweeps.
 
     python -m pipeline.run -m model.hidden=[256,256,256],[1024,1024,1024]
     python -m pipeline.run experiment=sparsity_sweep
@@ -14,8 +15,10 @@ invalidates, delete the folder to reclaim space.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -23,24 +26,41 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from bnn_core.errors import BnnError
-from pipeline import binarize, evaluate, finetune, pretrain
+from pipeline import baselines, binarize, evaluate, finetune, pretrain
 from pipeline.artifacts import Artifacts, link_inputs
 from pipeline.config import CONF_DIR, flatten, validate
 from pipeline.files import fail
 from pipeline.stage import StageContext, StageFn, make_tracker, seed_everything
 from pipeline.tracking import project_root
 
-#: Stage name, its function, and the config sections it depends on (as in dvc.yaml's params).
-STAGES: list[tuple[str, StageFn, tuple[str, ...]]] = [
-    ("binarize", binarize.run, ("seed", "data")),
-    ("pretrain", pretrain.run, ("seed", "model", "pretrain")),
-    ("finetune", finetune.run, ("seed", "finetune")),
-    ("evaluate", evaluate.run, ("evaluate",)),
+
+@dataclass(frozen=True)
+class ChainStage:
+    """A stage of the chain: its function, the config sections it depends on (as in dvc.yaml's params),
+    and the stage whose outputs it reads (its cache key includes that stage's key)."""
+
+    name: str
+    run: StageFn
+    sections: tuple[str, ...]
+    after: str | None
+
+
+STAGES = [
+    ChainStage("binarize", binarize.run, ("seed", "data"), None),
+    ChainStage("pretrain", pretrain.run, ("seed", "model", "pretrain"), "binarize"),
+    ChainStage("finetune", finetune.run, ("seed", "finetune"), "pretrain"),
+    ChainStage("evaluate", evaluate.run, ("evaluate",), "finetune"),
+    # Optional (chain.baselines): the real-valued rows of the paper's comparison. It reads only the
+    # binary features, so every job of a sparsity sweep shares it.
+    ChainStage("baselines", baselines.run, ("seed", "data", "model", "pretrain"), "binarize"),
 ]
 CODE_DIRS = ("bnn_core", "pipeline")
 
 
+@functools.cache
 def code_fingerprint() -> str:
+    """Hash of the project's Python sources, taken once per process: a sweep whose jobs run in this
+    process keeps one key even if the code is edited while it runs."""
     digest = hashlib.sha256()
     package_root = Path(__file__).resolve().parents[1]
     for folder in CODE_DIRS:
@@ -66,10 +86,14 @@ def run_chain(cfg: DictConfig, job_dir: Path, cache_dir: Path) -> None:
     code = code_fingerprint()
     with make_tracker("pipeline", config) as tracker:
         tracker.log_params(flatten(cfg))
-        upstream, done = "", []
-        for name, run, sections in STAGES:
-            upstream = stage_key(name, cfg, sections, upstream, code)
-            stage_dir = cache_dir / f"{name}-{upstream}"
+        keys: dict[str, str] = {}
+        done: list[Path] = []
+        for stage in STAGES:
+            if stage.name == "baselines" and not config.chain.baselines:
+                continue
+            upstream = keys[stage.after] if stage.after else ""
+            key = keys[stage.name] = stage_key(stage.name, cfg, stage.sections, upstream, code)
+            stage_dir = cache_dir / f"{stage.name}-{key}"
             stage_dir.mkdir(parents=True, exist_ok=True)
             # Parallel jobs needing the same stage output: one computes it, the others wait and reuse it.
             with (stage_dir / ".lock").open("w") as lock:
@@ -78,10 +102,10 @@ def run_chain(cfg: DictConfig, job_dir: Path, cache_dir: Path) -> None:
                     for earlier in done:
                         link_inputs(Artifacts(earlier), Artifacts(stage_dir))
                     seed_everything(config)
-                    run(StageContext(name, config, cfg, Artifacts(stage_dir), tracker))
-                    (stage_dir / ".complete").write_text(upstream + "\n")
+                    stage.run(StageContext(stage.name, config, cfg, Artifacts(stage_dir), tracker))
+                    (stage_dir / ".complete").write_text(key + "\n")
                 else:
-                    print(f"{name}: reusing {stage_dir}")
+                    print(f"{stage.name}: reusing {stage_dir}")
             done.append(stage_dir)
         for stage_dir in done:
             _link_tree(stage_dir, job_dir)

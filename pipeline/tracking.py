@@ -299,3 +299,42 @@ class SweepTracking(Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+
+def log_table_rows(uri: str | None, experiment: str, table: str, rows: list[dict], folder: Path) -> None:
+    """One finished MLflow run per table row, children of the sweep's parent run (found through
+    ``$BNN_PIPELINE_RUN``), so the dashboard can chart accuracy against bit-ops row by row; the table's
+    files go to the parent run. Row runs carry the tag ``kind = <table>_row`` and metrics ``<table>/...``.
+    """
+    _configure_client()
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or default_tracking_uri()
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(uri, experiment)
+    sweep_id = os.environ.get(PIPELINE_RUN_ENV) or uuid.uuid4().hex
+    parent = find_or_create_parent(uri, experiment_id, sweep_id, f"{table} {folder.name}", common_tags())
+    for row in rows:
+        label = f"{table} {row['network']} {row['input']}"
+        if row["network"] == "bnn":
+            label += f" s={row['sparsity']:g}"
+        tags = {"kind": f"{table}_row", "pipeline_run": sweep_id, "data_source": folder.name}
+        _log_row_run(client, experiment_id, parent, label, row, tags)
+    for path in sorted(folder.glob(f"{table}.*")):
+        _with_retries(lambda path=path: client.log_artifact(parent, str(path), table))
+
+
+def _log_row_run(client, experiment_id: str, parent: str, label: str, row: dict, tags: dict[str, str]) -> None:
+    """A finished run holding one table row: numbers as metrics, words (and the sparsity) as params."""
+    from mlflow.entities import Metric, Param
+
+    table = tags["kind"].removesuffix("_row")
+    all_tags = {**common_tags(tags), "mlflow.parentRunId": parent}
+    run = _with_retries(lambda: client.create_run(experiment_id, run_name=label, tags=all_tags))
+    now = int(time.time() * 1000)
+    numbers = {key: float(value) for key, value in row.items() if isinstance(value, int | float)}
+    words = {key: str(value) for key, value in row.items() if isinstance(value, str)}
+    metrics = [Metric(f"{table}/{key}", value, now, 0) for key, value in numbers.items()]
+    params = [Param(key, value) for key, value in {**words, "sparsity": str(row["sparsity"])}.items()]
+    _with_retries(lambda: client.log_batch(run.info.run_id, metrics=metrics, params=params))
+    _with_retries(lambda: client.set_terminated(run.info.run_id))

@@ -27,3 +27,14 @@ def test_totals_and_ratios():
     assert summary["binary_macs"] == summary["real_macs"]
     assert summary["memory_ratio"] == 32.0
     assert "| **total** |" in report.to_markdown()
+
+
+def test_real_valued_cost_counts_the_bias_as_one_more_input():
+    from bnn_core.cost import real_valued_cost
+
+    # The paper architecture on 784 pixels: 1024 x 785 + 2 x (1024 x 1025) + 10 x 1025 parameters.
+    assert real_valued_cost([784, 1024, 1024, 1024, 10]) == {
+        "macs_per_example": 2_913_290,
+        "weight_bits": 32 * 2_913_290,
+    }
+    assert real_valued_cost([3, 2]) == {"macs_per_example": 8, "weight_bits": 256}

@@ -48,6 +48,7 @@ def sweep_jobs(experiment: str) -> list[list[str]]:
         ("sparsity_sweep", [[f"finetune.sparsity={s}"] for s in ("0.0", "0.25", "0.5", "0.75", "0.9")]),
         ("width_sweep", [[f"model.hidden=[{w},{w},{w}]"] for w in (128, 256, 512, 1024)]),
         ("input_bits_sweep", [[f"+input_bits={name}"] for name in ("threshold", "lloyd_max_2", "lloyd_max_4")]),
+        ("paper_table1", [[f"finetune.sparsity={s}"] for s in ("0.0", "0.5", "0.75")]),
     ],
 )
 def test_experiment_sweeps_expand_to_their_jobs(experiment, jobs):
@@ -160,6 +161,7 @@ def check_chain_sweep(project: Path, sparsities: list[float]) -> None:
     cache = project / "outputs" / "stage_cache"
     counts = {stage: len(list(cache.glob(f"{stage}-*"))) for stage in ("binarize", "pretrain", "finetune", "evaluate")}
     assert counts == {"binarize": 1, "pretrain": 1, "finetune": len(sparsities), "evaluate": len(sparsities)}
+    assert not list(cache.glob("baselines-*"))  # only with chain.baselines=true (experiment=paper_table1)
     for shared in ("data/features.npz", "models/pretrained.pt"):
         assert len({(job / shared).resolve() for job in jobs}) == 1, shared
     assert len({(job / "models" / "finetuned.pt").resolve() for job in jobs}) == len(sparsities)

@@ -1,0 +1,237 @@
+"""The paper's comparison (Kim & Smaragdis 2016, Table 1): real-valued, tanh-compressed and bitwise
+networks side by side, with what each costs.
+
+Rows are plain dicts, the format of ``reports/comparison.json`` and ``reports/<data>/table1.json``:
+``network`` (``real`` | ``compressed`` | ``bnn``), ``input`` (``real`` | ``binary``), ``encoding`` (how
+the input was made: ``pixels``, ``threshold``, ``lloyd_max_<bits>``), ``sparsity``, ``test_accuracy``,
+``test_error``, ``macs`` and ``mac_bits`` (32-bit or 1-bit multiply-accumulates per example),
+``bit_ops`` and ``weight_bits``.
+
+Cost convention (README, "Cost accounting"): real-valued networks do 32-bit MACs, counted as
+32 x 32 = 1024 bit operations each (QONNX BOPs); the bitwise network does one XNOR-popcount bit
+operation per nonzero weight and per bias.
+
+``experiment=paper_table1`` sweeps ``finetune.sparsity`` with the baselines stage added to every job;
+when the sweep ends, :class:`Table1Writer` collects the jobs' outputs into ``reports/<data>/table1.json``
+and ``table1.md`` and logs one MLflow run per row.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from bnn_core.errors import BnnError
+from pipeline.config import BinarizeConfig, Config, validate
+from pipeline.files import fail, write_json, write_text
+
+FLOAT_MAC_BITS = 32
+#: The config sections a table's jobs must share: only ``finetune.sparsity`` may differ between them.
+SHARED_SECTIONS = ("seed", "data", "model", "pretrain")
+SHARED_FINETUNE_KEYS = ("grad", "init", "epochs", "batch_size", "lr", "weight_decay")
+
+
+def encoding_name(binarize: BinarizeConfig) -> str:
+    """``threshold`` or ``lloyd_max_<bits>``: how the binary input features were made."""
+    return f"lloyd_max_{binarize.bits}" if binarize.method == "lloyd_max" else binarize.method
+
+
+def _row(network: str, input_kind: str, encoding: str, sparsity: float, accuracy: float, **cost: int) -> dict:
+    return {
+        "network": network,
+        "input": input_kind,
+        "encoding": encoding,
+        "sparsity": sparsity,
+        "test_accuracy": accuracy,
+        "test_error": 1.0 - accuracy,
+        **cost,
+    }
+
+
+def real_valued_rows(metrics: dict, baselines: dict, encoding: str) -> list[dict]:
+    """The three 32-bit rows: real-valued on pixels, real-valued on the binary features, tanh-compressed.
+
+    Each costs what its own layer sizes say: with Lloyd-Max bit-planes the networks on binary features
+    have more inputs than the one on pixels.
+    """
+
+    def cost(net: dict) -> dict[str, int]:
+        macs = net["macs_per_example"]
+        return {
+            "macs": macs,
+            "mac_bits": FLOAT_MAC_BITS,
+            "bit_ops": macs * FLOAT_MAC_BITS**2,
+            "weight_bits": net["weight_bits"],
+        }
+
+    pixels, binary, compressed = baselines["real_input"], baselines["binary_input"], metrics["real"]
+    return [
+        _row("real", "real", "pixels", 0.0, pixels["test_accuracy"], **cost(pixels)),
+        _row("real", "binary", encoding, 0.0, binary["test_accuracy"], **cost(binary)),
+        _row("compressed", "binary", encoding, 0.0, compressed["test_accuracy"], **cost(compressed)),
+    ]
+
+
+def bitwise_row(metrics: dict, encoding: str) -> dict:
+    bnn = metrics["bnn"]
+    macs = bnn["binary_macs_per_example"]
+    return _row(
+        "bnn",
+        "binary",
+        encoding,
+        bnn["sparsity"],
+        bnn["test_accuracy"],
+        macs=macs,
+        mac_bits=1,
+        bit_ops=macs,
+        weight_bits=bnn["weight_bits"],
+    )
+
+
+def comparison_rows(metrics: dict, baselines: dict, encoding: str) -> list[dict]:
+    """The paper's four networks for one run of the chain."""
+    return [*real_valued_rows(metrics, baselines, encoding), bitwise_row(metrics, encoding)]
+
+
+def render_rows(rows: list[dict]) -> list[str]:
+    """Markdown table lines, test error as in the paper."""
+    lines = [
+        "| network | input | sparsity | test error | test accuracy | MACs / example | bit-ops / example "
+        "| weight bits |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        input_kind = "real (pixels)" if row["input"] == "real" else f"binary ({row['encoding']})"
+        sparsity = f"{row['sparsity']:.2f}" if row["network"] == "bnn" else "-"
+        lines.append(
+            f"| {row['network']} | {input_kind} | {sparsity} | {100 * row['test_error']:.2f}% | "
+            f"{100 * row['test_accuracy']:.2f}% | {row['macs']:,} x {row['mac_bits']}-bit | {row['bit_ops']:,} | "
+            f"{row['weight_bits']:,} |"
+        )
+    return lines
+
+
+# --- Table 1 of one data source, from a sweep over finetune.sparsity ------------------------------------
+
+
+def _job_config(job_dir: Path) -> Config:
+    path = job_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise BnnError(f"{job_dir}: no .hydra/config.yaml; is this a job folder of a pipeline.run sweep?")
+    return validate(OmegaConf.load(path))
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise BnnError(f"{path}: not found; the job did not finish (paper_table1 needs chain.baselines=true)")
+    return json.loads(path.read_text())
+
+
+def _shared_settings(config: Config) -> dict:
+    raw = OmegaConf.structured(config)
+    shared = {key: OmegaConf.to_container(raw[key]) if key != "seed" else raw[key] for key in SHARED_SECTIONS}
+    shared["finetune"] = {key: getattr(config.finetune, key) for key in SHARED_FINETUNE_KEYS}
+    return shared
+
+
+def table1_rows(job_dirs: list[Path]) -> tuple[list[dict], Config]:
+    """The table's rows from a sweep's job folders (one per sparsity), and the config they share.
+
+    Raises :class:`BnnError` when a job's outputs are missing, when the jobs differ in anything but
+    ``finetune.sparsity`` (their rows would not be comparable), or when two jobs have the same sparsity.
+    """
+    if not job_dirs:
+        raise BnnError("paper_table1: the sweep has no job folders")
+    configs = [_job_config(job) for job in job_dirs]
+    first = _shared_settings(configs[0])
+    for job, config in zip(job_dirs[1:], configs[1:], strict=True):
+        if _shared_settings(config) != first:
+            raise BnnError(f"{job}: its config differs from job {job_dirs[0].name} in more than finetune.sparsity")
+    sparsities = [config.finetune.sparsity for config in configs]
+    if len(set(sparsities)) != len(sparsities):
+        raise BnnError(f"paper_table1: finetune.sparsity values repeat across jobs: {sparsities}")
+
+    encoding = encoding_name(configs[0].data.binarize)
+    jobs = sorted(zip(sparsities, job_dirs, strict=True))
+    first_metrics = _read_json(jobs[0][1] / "reports" / "metrics.json")
+    rows = real_valued_rows(first_metrics, _read_json(jobs[0][1] / "reports" / "baselines.json"), encoding)
+    for sparsity, job in jobs:
+        metrics = _read_json(job / "reports" / "metrics.json")
+        if metrics["bnn"]["sparsity"] != sparsity:
+            raise BnnError(f"{job}: metrics.json is for sparsity {metrics['bnn']['sparsity']}, not {sparsity}")
+        rows.append(bitwise_row(metrics, encoding))
+    return rows, configs[0]
+
+
+def render_table1(rows: list[dict], config: Config, n_test: int, wall_time_s: float | None, command: str) -> str:
+    bnn = next(r for r in rows if r["network"] == "bnn" and r["sparsity"] == config.finetune.sparsity)
+    real_binary = next(r for r in rows if r["network"] == "real" and r["input"] == "binary")
+    gap = 100 * (real_binary["test_accuracy"] - bnn["test_accuracy"])
+    behind = f"{gap:.2f} points behind" if gap >= 0 else f"{-gap:.2f} points ahead of"
+    hidden = "x".join(str(h) for h in config.model.hidden)
+    timing = f"{wall_time_s / 60:.1f} min wall time" if wall_time_s is not None else "wall time not measured"
+    return "\n".join(
+        [
+            f"# Table 1 on {config.data.source}",
+            "",
+            f"`{command}`: {timing} (stages reused from the stage cache are not re-run).",
+            "",
+            *render_rows(rows),
+            "",
+            f"Hidden layers {hidden}; {config.pretrain.epochs} epochs of round 1 (and of each real-valued "
+            f"baseline), {config.finetune.epochs} of round 2 (`{config.finetune.grad}` gradient, lr "
+            f"{config.finetune.lr:g}); seed {config.seed}; {n_test:,} test examples.",
+            "",
+            f"Bitwise network at sparsity {bnn['sparsity']:.2f}: {100 * bnn['test_accuracy']:.2f}% test accuracy, "
+            f"{behind} the real-valued network on the same binary inputs "
+            f"({100 * real_binary['test_accuracy']:.2f}%).",
+            "",
+        ]
+    )
+
+
+def write_table1(root: Path, job_dirs: list[Path], wall_time_s: float | None, command: str) -> tuple[Path, list[dict]]:
+    """Write ``<root>/reports/<data.source>/table1.json`` and ``table1.md``; return the folder and rows."""
+    rows, config = table1_rows(job_dirs)
+    n_test = _read_json(job_dirs[0] / "reports" / "metrics.json")["n_test"]
+    folder = root / "reports" / config.data.source
+    write_json(folder / "table1.json", rows)
+    write_text(folder / "table1.md", render_table1(rows, config, n_test, wall_time_s, command))
+    return folder, rows
+
+
+class Table1Writer(Callback):
+    """Hydra callback of ``experiment=paper_table1``: when the sweep ends, write its table and log its rows.
+
+    The job folders are ``<hydra.sweep.dir>/<job number>``; each holds the job's composed config
+    (``.hydra/config.yaml``) and its chain's outputs (``reports/metrics.json``, ``reports/baselines.json``).
+    """
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        self.started = time.monotonic()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: object) -> None:
+        from pipeline.tracking import log_table_rows, project_root
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        job_dirs = sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+        overrides = " ".join(config.hydra.overrides.task)
+        command = f"python -m pipeline.run {overrides}".strip()
+        try:
+            folder, rows = write_table1(project_root(), job_dirs, time.monotonic() - self.started, command)
+        except BnnError as err:
+            fail("paper_table1", str(err))
+        print(f"paper_table1: {len(rows)} rows -> {folder / 'table1.md'}, {folder / 'table1.json'}")
+        try:
+            log_table_rows(config.tracking.uri, config.tracking.experiment, "table1", rows, folder)
+        except Exception as err:  # the table is written; tracking never fails the sweep
+            warnings.warn(f"paper_table1: could not log the rows to MLflow ({err})", RuntimeWarning, stacklevel=2)
