@@ -129,7 +129,8 @@ def _job_config(job_dir: Path) -> Config:
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
-        raise BnnError(f"{path}: not found; the job did not finish (paper_table1 needs chain.baselines=true)")
+        hint = "the sweep's jobs need chain.baselines=true" if path.name == "baselines.json" else "did the job finish?"
+        raise BnnError(f"{path}: not found; {hint}")
     return json.loads(path.read_text())
 
 

@@ -115,7 +115,7 @@ def test_jobs_that_are_not_one_table_are_refused_and_nothing_is_written(tmp_path
 def test_a_job_without_baselines_is_refused(tmp_path):
     job = fake_job(tmp_path / "0", 0.0, 0.9)
     (job / "reports" / "baselines.json").unlink()
-    with pytest.raises(BnnError, match=r"baselines.json: not found.*chain.baselines=true"):
+    with pytest.raises(BnnError, match=r"baselines.json: not found; the sweep's jobs need chain.baselines=true"):
         table1_rows([job])
 
 
