@@ -15,7 +15,6 @@ invalidates, delete the folder to reclaim space.
 from __future__ import annotations
 
 import fcntl
-import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -57,10 +56,20 @@ STAGES = [
 CODE_DIRS = ("bnn_core", "pipeline")
 
 
-@functools.cache
+#: ``code_fingerprint()`` of this process. A plain dict rather than functools.cache: joblib and submitit
+#: pickle this module's functions by value when it runs as ``__main__``, and a cache wrapper does not survive.
+_FINGERPRINT: dict[str, str] = {}
+
+
 def code_fingerprint() -> str:
     """Hash of the project's Python sources, taken once per process: a sweep whose jobs run in this
     process keeps one key even if the code is edited while it runs."""
+    if "code" not in _FINGERPRINT:
+        _FINGERPRINT["code"] = _hash_sources()
+    return _FINGERPRINT["code"]
+
+
+def _hash_sources() -> str:
     digest = hashlib.sha256()
     package_root = Path(__file__).resolve().parents[1]
     for folder in CODE_DIRS:

@@ -40,7 +40,7 @@ def test_dvc_repro_then_experiment_reruns_only_what_changed(project_copy):
     experiment = run(["dvc", "exp", "run", "-S", "experiment=smoke", "-S", "finetune.sparsity=0.5"], project_copy)
     assert stages_run(experiment.stdout) == ["finetune", "evaluate", "report"]
     report = (project_copy / "reports" / "report.md").read_text()
-    assert "| bnn | threshold |" in report and "| real | real |" in report
+    assert "| bnn | binary (threshold) | 0.50 |" in report and "| real | real (pixels) |" in report
     for png in ("tradeoff.png", "training_curves.png"):
         assert (project_copy / "reports" / png).read_bytes().startswith(b"\x89PNG")
     sparse = json.loads((project_copy / "reports" / "metrics.json").read_text())
@@ -96,5 +96,5 @@ def test_dvc_stage_params_match_the_sweep_runner():
     from tests.conftest import ROOT
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name, _, sections in STAGES:
-        assert tuple(stages[name]["params"]) == sections, name
+    for stage in STAGES:
+        assert tuple(stages[stage.name]["params"]) == stage.sections, stage.name
