@@ -17,6 +17,18 @@ from tests.conftest import ROOT, run
 
 REAL_MACS, REAL_BITS = 1000, 32_000
 PIXEL_MACS = 600  # the network on pixels has fewer inputs than the ones on (Lloyd-Max) bit-planes
+#: (network, input, sparsity) of the rows of a table swept over sparsities 0.0 and 0.5, in order.
+TABLE_OF_TWO_SPARSITIES = [
+    ("real", "real", 0.0),
+    ("real", "binary", 0.0),
+    ("compressed", "binary", 0.0),
+    ("bnn", "binary", 0.0),
+    ("bnn", "binary", 0.5),
+]
+
+
+def row_keys(rows: list[dict]) -> list[tuple[str, str, float]]:
+    return [(r["network"], r["input"], r["sparsity"]) for r in rows]
 
 
 def job_config(overrides: list[str]):
@@ -56,13 +68,7 @@ def test_rows_follow_the_papers_table_with_a_sparsity_column(tmp_path):
     jobs = [fake_job(tmp_path / "0", 0.5, 0.90), fake_job(tmp_path / "1", 0.0, 0.92)]
     rows, config = table1_rows(jobs)
 
-    assert [(r["network"], r["input"], r["sparsity"]) for r in rows] == [
-        ("real", "real", 0.0),
-        ("real", "binary", 0.0),
-        ("compressed", "binary", 0.0),
-        ("bnn", "binary", 0.0),
-        ("bnn", "binary", 0.5),
-    ]
+    assert row_keys(rows) == TABLE_OF_TWO_SPARSITIES
     assert [r["encoding"] for r in rows] == ["pixels", "threshold", "threshold", "threshold", "threshold"]
     assert [r["test_accuracy"] for r in rows] == [0.95, 0.93, 0.91, 0.92, 0.90]
     assert all(r["test_error"] == pytest.approx(1 - r["test_accuracy"]) for r in rows)
@@ -136,13 +142,7 @@ def test_paper_table1_sweep_writes_the_table_and_logs_every_row(project_copy):
         project_copy,
     )
     table = json.loads((project_copy / "reports" / "mnist5k" / "table1.json").read_text())
-    assert [(r["network"], r["input"], r["sparsity"]) for r in table] == [
-        ("real", "real", 0.0),
-        ("real", "binary", 0.0),
-        ("compressed", "binary", 0.0),
-        ("bnn", "binary", 0.0),
-        ("bnn", "binary", 0.5),
-    ]
+    assert row_keys(table) == TABLE_OF_TWO_SPARSITIES
     assert all(0 < r["test_accuracy"] <= 1 for r in table)
     assert table[4]["macs"] < table[3]["macs"]  # half the weights are zero
     assert "paper_table1: 5 rows" in result.stdout
@@ -166,7 +166,7 @@ def test_paper_table1_sweep_writes_the_table_and_logs_every_row(project_copy):
         (r.data.params["network"], r.data.params["input"], float(r.data.params["sparsity"]), r.data.metrics)
         for r in rows
     )
-    assert [row[:3] for row in logged] == sorted((r["network"], r["input"], r["sparsity"]) for r in table)
+    assert [row[:3] for row in logged] == sorted(row_keys(table))
     for network, input_kind, sparsity, metrics in logged:
         (expected,) = [r for r in table if (r["network"], r["input"], r["sparsity"]) == (network, input_kind, sparsity)]
         assert metrics["table1/test_accuracy"] == expected["test_accuracy"]
