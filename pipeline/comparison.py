@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -135,14 +136,15 @@ def _read_json(path: Path) -> Any:
 
 
 def _shared_settings(config: Config) -> dict:
-    raw = OmegaConf.structured(config)
-    shared = {key: OmegaConf.to_container(raw[key]) if key != "seed" else raw[key] for key in SHARED_SECTIONS}
-    shared["finetune"] = {key: getattr(config.finetune, key) for key in SHARED_FINETUNE_KEYS}
+    settings = asdict(config)
+    shared = {key: settings[key] for key in SHARED_SECTIONS}
+    shared["finetune"] = {key: settings["finetune"][key] for key in SHARED_FINETUNE_KEYS}
     return shared
 
 
-def table1_rows(job_dirs: list[Path]) -> tuple[list[dict], Config]:
-    """The table's rows from a sweep's job folders (one per sparsity), and the config they share.
+def table1_rows(job_dirs: list[Path]) -> tuple[list[dict], Config, int]:
+    """The table's rows from a sweep's job folders (one per sparsity), the config they share, and the
+    number of test examples.
 
     Raises :class:`BnnError` when a job's outputs are missing, when the jobs differ in anything but
     ``finetune.sparsity`` (their rows would not be comparable), or when two jobs have the same sparsity.
@@ -160,14 +162,13 @@ def table1_rows(job_dirs: list[Path]) -> tuple[list[dict], Config]:
 
     encoding = encoding_name(configs[0].data.binarize)
     jobs = sorted(zip(sparsities, job_dirs, strict=True))
-    first_metrics = _read_json(jobs[0][1] / "reports" / "metrics.json")
-    rows = real_valued_rows(first_metrics, _read_json(jobs[0][1] / "reports" / "baselines.json"), encoding)
-    for sparsity, job in jobs:
-        metrics = _read_json(job / "reports" / "metrics.json")
-        if metrics["bnn"]["sparsity"] != sparsity:
-            raise BnnError(f"{job}: metrics.json is for sparsity {metrics['bnn']['sparsity']}, not {sparsity}")
-        rows.append(bitwise_row(metrics, encoding))
-    return rows, configs[0]
+    metrics = [_read_json(job / "reports" / "metrics.json") for _, job in jobs]
+    rows = real_valued_rows(metrics[0], _read_json(jobs[0][1] / "reports" / "baselines.json"), encoding)
+    for (sparsity, job), job_metrics in zip(jobs, metrics, strict=True):
+        if job_metrics["bnn"]["sparsity"] != sparsity:
+            raise BnnError(f"{job}: metrics.json is for sparsity {job_metrics['bnn']['sparsity']}, not {sparsity}")
+        rows.append(bitwise_row(job_metrics, encoding))
+    return rows, configs[0], metrics[0]["n_test"]
 
 
 def render_table1(rows: list[dict], config: Config, n_test: int, wall_time_s: float | None, command: str) -> str:
@@ -199,8 +200,7 @@ def render_table1(rows: list[dict], config: Config, n_test: int, wall_time_s: fl
 
 def write_table1(root: Path, job_dirs: list[Path], wall_time_s: float | None, command: str) -> tuple[Path, list[dict]]:
     """Write ``<root>/reports/<data.source>/table1.json`` and ``table1.md``; return the folder and rows."""
-    rows, config = table1_rows(job_dirs)
-    n_test = _read_json(job_dirs[0] / "reports" / "metrics.json")["n_test"]
+    rows, config, n_test = table1_rows(job_dirs)
     folder = root / "reports" / config.data.source
     write_json(folder / "table1.json", rows)
     write_text(folder / "table1.md", render_table1(rows, config, n_test, wall_time_s, command))

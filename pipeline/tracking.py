@@ -319,16 +319,17 @@ def log_table_rows(uri: str | None, experiment: str, table: str, rows: list[dict
         if row["network"] == "bnn":
             label += f" s={row['sparsity']:g}"
         tags = {"kind": f"{table}_row", "pipeline_run": sweep_id, "data_source": folder.name}
-        _log_row_run(client, experiment_id, parent, label, row, tags)
+        _log_row_run(client, experiment_id, parent, table, label, row, tags)
     for path in sorted(folder.glob(f"{table}.*")):
         _with_retries(lambda path=path: client.log_artifact(parent, str(path), table))
 
 
-def _log_row_run(client, experiment_id: str, parent: str, label: str, row: dict, tags: dict[str, str]) -> None:
+def _log_row_run(
+    client, experiment_id: str, parent: str, table: str, label: str, row: dict, tags: dict[str, str]
+) -> None:
     """A finished run holding one table row: numbers as metrics, words (and the sparsity) as params."""
     from mlflow.entities import Metric, Param
 
-    table = tags["kind"].removesuffix("_row")
     all_tags = {**common_tags(tags), "mlflow.parentRunId": parent}
     run = _with_retries(lambda: client.create_run(experiment_id, run_name=label, tags=all_tags))
     now = int(time.time() * 1000)

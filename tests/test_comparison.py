@@ -66,7 +66,7 @@ def fake_job(folder: Path, sparsity: float, bnn_accuracy: float, overrides: list
 def test_rows_follow_the_papers_table_with_a_sparsity_column(tmp_path):
     # Job folders in sweep order need not be in sparsity order: rows are sorted by sparsity.
     jobs = [fake_job(tmp_path / "0", 0.5, 0.90), fake_job(tmp_path / "1", 0.0, 0.92)]
-    rows, config = table1_rows(jobs)
+    rows, config, n_test = table1_rows(jobs)
 
     assert row_keys(rows) == TABLE_OF_TWO_SPARSITIES
     assert [r["encoding"] for r in rows] == ["pixels", "threshold", "threshold", "threshold", "threshold"]
@@ -79,11 +79,12 @@ def test_rows_follow_the_papers_table_with_a_sparsity_column(tmp_path):
         macs = int(REAL_MACS * (1 - sparsity))
         assert (bnn["macs"], bnn["mac_bits"], bnn["bit_ops"], bnn["weight_bits"]) == (macs, 1, macs, 2 * macs)
     assert config.data.source == "mnist5k"
+    assert n_test == 500
 
 
 def test_lloyd_max_inputs_are_named_by_their_bits(tmp_path):
     jobs = [fake_job(tmp_path / "0", 0.0, 0.9, ["data.binarize.method=lloyd_max", "data.binarize.bits=2"])]
-    rows, _ = table1_rows(jobs)
+    rows, _, _ = table1_rows(jobs)
     assert [r["encoding"] for r in rows] == ["pixels", "lloyd_max_2", "lloyd_max_2", "lloyd_max_2"]
 
 

@@ -81,8 +81,8 @@ def test_unknown_key_names_the_key():
 def stage_context(overrides: list[str]):
     from pipeline.stage import StageContext
 
-    config = validate(composed(overrides))
-    return StageContext("pretrain", config, composed(overrides), None, None)  # type: ignore[arg-type]
+    cfg = composed(overrides)
+    return StageContext("pretrain", validate(cfg), cfg, None, None)  # type: ignore[arg-type]
 
 
 def test_accelerator_auto_picks_a_gpu_when_there_is_one():
