@@ -9,8 +9,9 @@ Deploying a trained model takes one import::
     classes = model.predict(pixels_uint8)        # [n, 784] raw 0..255 pixels in
 """
 
+from bnn_core.bitwise_model import BitwiseModel
 from bnn_core.errors import BnnError, ConfigError, DataError, ModelFileError, TrainingDivergedError
-from bnn_core.model_file import BitwiseModel, load_bitwise_model, save_bitwise_model
+from bnn_core.model_file import load_bitwise_model, save_bitwise_model
 
 __all__ = [
     "BitwiseModel",

@@ -1,9 +1,9 @@
-"""The exported bitwise model: one uncompressed ``.npz`` file that takes raw 0..255 pixels to class ids.
+"""The model file: one uncompressed ``.npz`` file holding a :class:`~bnn_core.bitwise_model.BitwiseModel`.
 
-A :class:`BitwiseModel` is the input binarizer (an encoder of :mod:`bnn_core.input_encoders`) plus a
-:class:`~bnn_core.packed.PackedNetwork`. :func:`save_bitwise_model` writes it (``models/bnn.npz``),
-:func:`load_bitwise_model` reads it back and refuses, with a :class:`~bnn_core.errors.ModelFileError`
-whose message starts with the path, anything that is not exactly such a file.
+:func:`save_bitwise_model` writes a model (``models/bnn.npz``), :func:`load_bitwise_model` reads it back and
+refuses, with a :class:`~bnn_core.errors.ModelFileError` whose message starts with the path, anything that
+is not exactly such a file. The model itself (encoder + packed network, ``predict``) is
+:mod:`bnn_core.bitwise_model`.
 
 File format, version 1
 ----------------------
@@ -64,7 +64,6 @@ Members are written in the order ``header``, then per layer ``signs_<i>`` and ``
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -74,18 +73,15 @@ import struct
 import tempfile
 import zipfile
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import numpy as np
 
-from bnn_core.errors import ConfigError, DataError, ModelFileError
-from bnn_core.input_encoders import LloydMaxEncoder, ThresholdEncoder, encoder_from_dict
+from bnn_core.bitwise_model import BinaryEncoder, BitwiseModel, layer_problem
+from bnn_core.errors import ConfigError, ModelFileError
+from bnn_core.input_encoders import LloydMaxEncoder, encoder_from_dict
 from bnn_core.packed import PackedLayer, PackedNetwork, n_words, pack_bits, unpack_bits
-
-if TYPE_CHECKING:
-    from bnn_core.kernels import KernelNetwork
 
 FORMAT_NAME = "bitwise-nn-model"
 FORMAT_VERSION = 1
@@ -122,8 +118,6 @@ _READ_ERRORS = (
     SyntaxError,
 )
 
-BinaryEncoder = ThresholdEncoder | LloydMaxEncoder
-
 
 def canonical_json(obj: Any) -> bytes:
     """The one byte string a JSON value is stored and hashed as."""
@@ -146,115 +140,6 @@ def content_hash(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
         frame(canonical_json(list(array.shape)))
         frame(array.tobytes())
     return digest.hexdigest()
-
-
-def _layer_problem(encoder: Any, n_pixels: int, dims: list[tuple[int, int]]) -> str | None:
-    """Why an encoder and layer dimensions ``[(n_in, n_out), ...]`` do not form a model (None if they do)."""
-    if not dims:
-        return "a model needs at least one layer"
-    if not getattr(encoder, "is_binary", False):
-        return f"input encoder {getattr(encoder, 'name', encoder)!r} is not binary; a bitwise model needs bit inputs"
-    for i in range(len(dims) - 1):
-        if dims[i][1] != dims[i + 1][0]:
-            return (
-                f"layer shapes disagree: layer {i} has {dims[i][1]} outputs "
-                f"but layer {i + 1} has {dims[i + 1][0]} inputs"
-            )
-    features = encoder.n_features(n_pixels)
-    if features != dims[0][0]:
-        return (
-            f"input encoder {encoder.name!r} turns {n_pixels} pixels into {features} bits "
-            f"but layer 0 takes {dims[0][0]} inputs"
-        )
-    return None
-
-
-@dataclass(frozen=True)
-class BitwiseModel:
-    """Input binarizer + packed network: raw uint8 pixels ``[n, n_pixels]`` in, class ids out."""
-
-    encoder: BinaryEncoder
-    network: PackedNetwork
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        layers = self.network.layers
-        dims = [(layer.n_in, layer.n_out) for layer in layers]
-        per_pixel = self.encoder.n_features(1) if getattr(self.encoder, "is_binary", False) else 1
-        problem = _layer_problem(self.encoder, dims[0][0] // per_pixel if dims else 0, dims)
-        if problem:
-            raise ValueError(problem)
-        for i, layer in enumerate(layers):
-            if not np.isin(layer.bias, (-1, 1)).all():
-                raise ValueError(f"layer {i}: biases must be -1 or +1")
-        try:
-            if not isinstance(self.metadata, dict) or json.loads(canonical_json(self.metadata)) != self.metadata:
-                raise ValueError
-        except (TypeError, ValueError, RecursionError):
-            raise ValueError(
-                "metadata must be a JSON object (str keys; lists, numbers, strings, bools, null)"
-            ) from None
-
-    @classmethod
-    def from_layers(
-        cls,
-        encoder: BinaryEncoder,
-        layers: list[tuple[np.ndarray, np.ndarray]],
-        metadata: dict[str, Any] | None = None,
-    ) -> BitwiseModel:
-        """From ternary ``W int8 [n_out, n_in]`` in {-1, 0, 1} and ``b int8 [n_out]`` in {-1, 1}, input layer first."""
-        for i, (w, b) in enumerate(layers):
-            w, b = np.asarray(w), np.asarray(b)
-            if w.ndim != 2 or b.shape != (w.shape[0],):
-                raise ValueError(f"layer {i}: weights {w.shape} and bias {b.shape} are not [n_out, n_in] and [n_out]")
-            if not np.isin(w, (-1, 0, 1)).all():
-                raise ValueError(f"layer {i}: weights must be -1, 0 or +1")
-        return cls(encoder, PackedNetwork.from_ternary(list(layers)), dict(metadata or {}))
-
-    @property
-    def n_pixels(self) -> int:
-        return self.network.n_in // self.encoder.n_features(1)
-
-    @property
-    def n_classes(self) -> int:
-        return self.network.layers[-1].n_out
-
-    @property
-    def layer_sizes(self) -> list[int]:
-        return [self.network.n_in, *(layer.n_out for layer in self.network.layers)]
-
-    def ternary_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The weights ``int8 [n_out, n_in]`` and biases ``int8 [n_out]`` of every layer (for cost reports)."""
-        return [layer.to_ternary() for layer in self.network.layers]
-
-    def _bits(self, pixels: np.ndarray) -> np.ndarray:
-        pixels = np.asarray(pixels)
-        if pixels.ndim != 2 or pixels.shape[1] != self.n_pixels:
-            raise DataError(
-                f"the model takes images of {self.n_pixels} pixels as [n, {self.n_pixels}], got {pixels.shape}"
-            )
-        if pixels.dtype != np.uint8:
-            if not np.issubdtype(pixels.dtype, np.integer) or (
-                pixels.size and (pixels.min() < 0 or pixels.max() > 255)
-            ):
-                raise DataError(f"pixels must be uint8 values 0..255, got {pixels.dtype}")
-            pixels = pixels.astype(np.uint8)
-        return self.encoder.encode_bits(pixels)
-
-    @functools.cached_property
-    def engine(self) -> KernelNetwork:
-        """The network in the fast kernel's layout (built once; numpy fallback inside when numba is absent)."""
-        from bnn_core.kernels import KernelNetwork  # numba loads only when a model actually runs
-
-        return KernelNetwork.from_packed(self.network)
-
-    def forward_counts(self, pixels: np.ndarray) -> np.ndarray:
-        """Integer pre-activations ``int32 [n, n_classes]`` of the last layer."""
-        return self.engine.forward_counts(self._bits(pixels))
-
-    def predict(self, pixels: np.ndarray) -> np.ndarray:
-        """Class ids ``int64 [n]``: argmax of :meth:`forward_counts`, ties to the lowest index."""
-        return self.forward_counts(pixels).argmax(axis=1).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -310,18 +195,18 @@ def save_bitwise_model(path: str | Path, model: BitwiseModel) -> int:
     members = encode_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
             write_npz(handle, members)
             handle.flush()
             os.fsync(handle.fileno())
-        umask = os.umask(0)
+        umask = os.umask(0)  # reading the umask means setting it; put it straight back
         os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have created
-        os.replace(tmp_name, path)
+        tmp.chmod(0o666 & ~umask)  # mkstemp's 0600 -> what open() would have created
+        os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        tmp.unlink(missing_ok=True)
     return path.stat().st_size
 
 
@@ -388,14 +273,11 @@ def _check_npy_header(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInf
 
 
 def _finite_float(text: str) -> float:
+    """JSON number -> float, refusing what overflows to infinity (``1e999``) and the NaN/Infinity constants."""
     value = float(text)
     if not math.isfinite(value):
         raise ValueError(f"non-finite number {text}")
     return value
-
-
-def _reject_constant(text: str) -> None:
-    raise ValueError(f"non-finite number {text}")
 
 
 def _parse_header(path: Path, raw: Any) -> dict[str, Any]:
@@ -406,7 +288,7 @@ def _parse_header(path: Path, raw: Any) -> dict[str, Any]:
     if raw.size > MAX_HEADER_BYTES:
         raise ModelFileError(f"{path}: header of {raw.size} bytes is implausibly large")
     try:
-        header = json.loads(raw.tobytes().decode("utf-8"), parse_float=_finite_float, parse_constant=_reject_constant)
+        header = json.loads(raw.tobytes().decode("utf-8"), parse_float=_finite_float, parse_constant=_finite_float)
     except (ValueError, RecursionError) as err:
         raise ModelFileError(f"{path}: header is not valid JSON ({_describe(err)})") from None
     if not isinstance(header, dict):
@@ -469,7 +351,7 @@ def _check_encoder(path: Path, header: dict[str, Any], layers: list[dict[str, An
         raise ModelFileError(f"{path}: malformed input encoder in header ({spec!r})")
     if isinstance(encoder, LloydMaxEncoder) and list(encoder.levels) != sorted(encoder.levels):
         raise ModelFileError(f"{path}: lloyd_max encoder levels are not in increasing order")
-    problem = _layer_problem(encoder, header["n_pixels"], [(spec["n_in"], spec["n_out"]) for spec in layers])
+    problem = layer_problem(encoder, header["n_pixels"], [(spec["n_in"], spec["n_out"]) for spec in layers])
     if problem:
         raise ModelFileError(f"{path}: {problem}")
     return encoder
@@ -521,20 +403,23 @@ def _decode_layers(path: Path, arrays: dict[str, np.ndarray], layers: list[dict[
     biases = _unpack_plane(path, "biases", arrays["biases"], int(n_biases[-1]))
     for i, spec in enumerate(layers):
         n_in, n_out = spec["n_in"], spec["n_out"]
+        signs_name = f"signs_{i}"
+        signs_words = arrays[signs_name]
         if spec["mask"]:
             mask = _unpack_plane(path, f"mask_{i}", arrays[f"mask_{i}"], n_in * n_out).reshape(n_out, n_in)
             if mask.all():
                 raise ModelFileError(f"{path}: layer {i} stores a mask but has no zero weights")
+            # Only the nonzero weights have signs, so the header alone cannot size this member.
             nonzero = int(mask.sum())
-            if arrays[f"signs_{i}"].shape != (n_words(nonzero),):
+            if signs_words.shape != (n_words(nonzero),):
                 raise ModelFileError(
-                    f"{path}: layer shape mismatch: member 'signs_{i}' has shape {arrays[f'signs_{i}'].shape}, "
+                    f"{path}: layer shape mismatch: member {signs_name!r} has shape {signs_words.shape}, "
                     f"the mask's {nonzero} nonzero weights need ({n_words(nonzero)},)"
                 )
             signs = np.zeros((n_out, n_in), dtype=bool)
-            signs[mask] = _unpack_plane(path, f"signs_{i}", arrays[f"signs_{i}"], nonzero)
+            signs[mask] = _unpack_plane(path, signs_name, signs_words, nonzero)
         else:
-            signs = _unpack_plane(path, f"signs_{i}", arrays[f"signs_{i}"], n_in * n_out).reshape(n_out, n_in)
+            signs = _unpack_plane(path, signs_name, signs_words, n_in * n_out).reshape(n_out, n_in)
             mask = np.ones((n_out, n_in), dtype=bool)
         bias = biases[n_biases[i] : n_biases[i + 1]]
         packed.append(

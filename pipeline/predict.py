@@ -29,9 +29,10 @@ import numpy as np
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from bnn_core.bitwise_model import BitwiseModel
 from bnn_core.datasets import read_idx
 from bnn_core.errors import BnnError, ConfigError, DataError
-from bnn_core.model_file import BitwiseModel, load_bitwise_model
+from bnn_core.model_file import load_bitwise_model
 from pipeline.files import fail, write_text
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import pickle
+import stat
 import tempfile
 import time
 import zipfile
@@ -17,12 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bnn_core.bitwise_model import BitwiseModel
 from bnn_core.cost import cost_report
 from bnn_core.errors import DataError, ModelFileError
 from bnn_core.input_encoders import LloydMaxEncoder, RealScaler, ThresholdEncoder
 from bnn_core.model_file import (
     SIGN_OF_ZERO,
-    BitwiseModel,
     canonical_json,
     content_hash,
     encode_model,
@@ -83,7 +85,8 @@ def test_round_trip_is_exact(pixels, hidden, n_classes, sparsity, encoder_bits, 
     assert loaded.metadata == model.metadata
     assert loaded.layer_sizes == sizes
     assert loaded.n_pixels == pixels
-    for (w, b), (w2, b2) in zip(layers, loaded.ternary_layers(), strict=True):
+    for (w, b), layer in zip(layers, loaded.network.layers, strict=True):
+        w2, b2 = layer.to_ternary()
         np.testing.assert_array_equal(w2, w)
         np.testing.assert_array_equal(b2, b)
     x = rng.integers(0, 256, (23, pixels), dtype=np.uint8)
@@ -104,7 +107,7 @@ def test_mask_members_only_for_layers_with_zeros(tmp_path):
     with np.load(tmp_path / "m.npz", allow_pickle=False) as npz:
         assert sorted(npz.files) == ["biases", "header", "mask_0", "signs_0", "signs_1"]
         assert all(npz[name].dtype == np.dtype("<u8") for name in npz.files if name != "header")
-        nonzero = int(np.count_nonzero(model.ternary_layers()[0][0]))
+        nonzero = int(np.count_nonzero(model.network.layers[0].to_ternary()[0]))
         assert nonzero < 9 * 20
         assert npz["mask_0"].shape == (math.ceil(9 * 20 / 64),)  # bit-contiguous: no per-row padding
         assert npz["signs_0"].shape == (math.ceil(nonzero / 64),)  # signs of nonzero weights only
@@ -271,6 +274,14 @@ TAMPERED = {
     "header not json": ({**BASE, "header": np.frombuffer(b"{not json", np.uint8)}, "header is not valid JSON"),
     "header not object": ({**BASE, "header": np.frombuffer(b"[1, 2]", np.uint8)}, "header is not a JSON object"),
     "header with NaN": ({**BASE, "header": np.frombuffer(b'{"a": NaN}', np.uint8)}, "header is not valid JSON"),
+    "header with -Infinity": (
+        {**BASE, "header": np.frombuffer(b'{"a": -Infinity}', np.uint8)},
+        r"not valid JSON \(ValueError: non-finite number -Infinity\)",
+    ),
+    "header with 1e999": (
+        {**BASE, "header": np.frombuffer(b'{"a": 1e999}', np.uint8)},
+        r"not valid JSON \(ValueError: non-finite number 1e999\)",
+    ),
     "padding bits": (rehashed(flip_word(BASE, "biases", 0, 63)), "'biases' has nonzero padding bits"),
     "signs for zero weights too": (
         rehashed(replaced(BASE, signs_0=signs_of_full_plane(BASE))),
@@ -435,6 +446,15 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     save_bitwise_model(path, small_model(seed=1))
     assert path.read_bytes() != before
     assert [p.name for p in path.parent.iterdir()] == ["bnn.npz"]
+
+
+def test_saved_file_has_the_mode_open_would_give(tmp_path):
+    umask = os.umask(0o027)
+    try:
+        save_bitwise_model(tmp_path / "bnn.npz", small_model())
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "bnn.npz").stat().st_mode) == 0o640  # not mkstemp's 0600
 
 
 def test_same_model_same_bytes(tmp_path, monkeypatch):

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bnn_core.bitwise_model import BitwiseModel
 from bnn_core.errors import DataError
 from bnn_core.input_encoders import ThresholdEncoder
-from bnn_core.model_file import BitwiseModel, save_bitwise_model
+from bnn_core.model_file import save_bitwise_model
 from tests.conftest import run
 from tests.test_datasets import idx_bytes
 
