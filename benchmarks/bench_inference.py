@@ -2,7 +2,10 @@
 
 Architecture (Kim & Smaragdis 2016): 784 input bits (threshold binarizer) -> 3 x 1024 hidden -> 10 classes,
 random ternary weights and +-1 biases. All paths run in one process on the same inputs; each path's
-integer scores are checked against the float scores before any timing. Writes ``reports/bench.json``.
+integer scores are checked against the fast kernel's before any timing. Paths: the fast kernel
+(bnn_core.kernels), a plain numba loop (benchmarks/naive_kernel.py), numpy packed bits (bnn_core.packed),
+float32 numpy (bnn_core.speed.Float32Network) and torch. Timing: bnn_core.speed.time_calls. Writes
+``reports/bench.json``.
 
     python benchmarks/bench_inference.py [--quick]
 
@@ -39,18 +42,22 @@ import platform  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import threadpoolctl  # noqa: E402
+from naive_kernel import preactivations_naive  # noqa: E402  (benchmarks/, next to this script)
 from tabulate import tabulate  # noqa: E402
 
 from bnn_core import kernels as K  # noqa: E402
 from bnn_core.input_encoders import ThresholdEncoder  # noqa: E402
 from bnn_core.model_file import BitwiseModel, save_bitwise_model  # noqa: E402
 from bnn_core.packed import PackedNetwork  # noqa: E402
+from bnn_core.speed import Float32Network, time_calls  # noqa: E402
 
 try:
     import torch
@@ -89,40 +96,21 @@ def model_bytes(layers) -> dict[str, int]:
         return {"float32": 4 * n_params, "bitwise": save_bitwise_model(Path(tmp) / "bnn.npz", model)}
 
 
-class FloatChains:
-    """Hidden: h = sign(h @ W^T + b), sign(0) = +1; output: scores = h @ W^T + b. float32 throughout."""
+class TorchFloat32Network:
+    """:class:`bnn_core.speed.Float32Network` in torch (MKL here): same weights, same math, float32."""
 
-    def __init__(self, layers):
-        # W^T contiguous: both BLAS paths then run a plain row-major [n, in] x [in, out] GEMM.
-        self.wt = [np.ascontiguousarray(w.T, dtype=np.float32) for w, _ in layers]
-        self.b = [b.astype(np.float32) for _, b in layers]
-        self.buffers: dict[int, list[np.ndarray]] = {}
-        if torch is not None:
-            self.t_wt = [torch.from_numpy(w) for w in self.wt]
-            self.t_b = [torch.from_numpy(b) for b in self.b]
-            self.t_one = torch.tensor(1.0)
+    def __init__(self, floats: Float32Network):
+        self.wt = [torch.from_numpy(w) for w in floats.wt]
+        self.b = [torch.from_numpy(b) for b in floats.b]
+        self.one = torch.tensor(1.0)
 
-    def numpy(self, x: np.ndarray) -> np.ndarray:
-        # Preallocated outputs, in-place bias and sign: only the GEMMs and one pass each remain.
-        bufs = self.buffers.get(len(x))
-        if bufs is None:
-            bufs = self.buffers[len(x)] = [np.empty((len(x), w.shape[1]), np.float32) for w in self.wt]
-        h = x
-        for wt, b, out in zip(self.wt, self.b, bufs, strict=True):
-            np.matmul(h, wt, out=out)
-            out += b
-            h = out
-            if out is not bufs[-1]:
-                np.copysign(np.float32(1), out, out=out)  # exact: sums of +-1 are integers, zero is +0.0
-        return h
-
-    def torch(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             h = x
-            for i, (wt, b) in enumerate(zip(self.t_wt, self.t_b, strict=True)):
+            for i, (wt, b) in enumerate(zip(self.wt, self.b, strict=True)):
                 h = torch.addmm(b, h, wt)
-                if i < len(self.t_wt) - 1:
-                    torch.copysign(self.t_one, h, out=h)
+                if i < len(self.wt) - 1:
+                    torch.copysign(self.one, h, out=h)
             return h
 
 
@@ -226,6 +214,12 @@ def _cpu_rate(fn, n_iter: int, repeats: int = 7) -> float:
     return max(rates)
 
 
+def _issue_rate(per_cycle: float) -> float:
+    """Instructions per cycle, rounded to the integer the hardware issues; a rate under 1 (an emulated
+    instruction) stays as measured rather than rounding to a zero peak."""
+    return round(per_cycle) if per_cycle >= 1 else per_cycle
+
+
 def binary_peak(cores: int) -> dict:
     popcount_loop, mix_loop, chains, clock_chain = _micro_kernels()
     clock_hz = 4 * _cpu_rate(clock_chain, 50_000_000)
@@ -236,12 +230,13 @@ def binary_peak(cores: int) -> dict:
         "vpopcntq_zmm_per_cycle_measured": popcnt_per_s / clock_hz,
         "xnor_popcount_accumulate_per_cycle_measured": mix_per_s / clock_hz,
         # The definition asked for: 512-bit VPOPCNTQ width x its issue rate x cores x clock.
-        "peak_bitops_per_s": cores * clock_hz * VECTOR_BITS * round(popcnt_per_s / clock_hz),
+        "peak_bitops_per_s": cores * clock_hz * VECTOR_BITS * _issue_rate(popcnt_per_s / clock_hz),
         # What the instruction mix allows: each 512-bit step needs vpternlogq + vpopcntq + vpaddq.
         "mix_peak_bitops_per_s": cores * mix_per_s * VECTOR_BITS,
         "assumption": (
             f"{cores} cores at the clock measured with a dependent imul+xor chain (4 cycles/step), "
-            "VPOPCNTQ zmm issue rate measured with 12 independent chains and rounded to an integer per cycle; "
+            "VPOPCNTQ zmm issue rate measured with 12 independent chains and rounded to an integer per cycle "
+            "(kept as measured when under 1, e.g. a CPU without VPOPCNTDQ, where LLVM emulates it); "
             "1 bit-op = one binary multiply-accumulate (XNOR + count) of one weight with one input bit. "
             "mix peak: measured rate of the kernel's 3-instruction step (vpternlogq, vpopcntq, vpaddq) "
             "on 12 chains in registers, x 512 bits x cores."
@@ -274,25 +269,25 @@ def thread_count(count: int | None):
                 torch.set_num_threads(saved_torch)
 
 
-def time_paths(paths: dict, calls: int, cycles: int) -> dict[str, tuple[float, float]]:
+Paths = dict[str, tuple[Callable[[], object], int | None]]  # name -> (call, threads; None = library's choice)
+
+
+def time_paths(paths: Paths, calls: int, cycles: int) -> dict[str, tuple[float, float]]:
     """Median (wall seconds, CPU seconds of the calling thread) per call, for ``{name: (fn, threads)}``.
 
-    Each cycle runs every path (one warm-up call, then ``calls`` timed calls one by one), so load from
-    other processes on the machine is spread over all paths alike. The thread CPU time is the compute
-    of single-threaded runs, whatever the other processes do; it means little for multi-threaded ones.
+    Each cycle runs every path (:func:`bnn_core.speed.time_calls`: one warm-up call, then ``calls`` timed
+    calls one by one), so load from other processes on the machine is spread over all paths alike. The
+    thread CPU time is the compute of single-threaded runs, whatever the other processes do; it means little
+    for multi-threaded ones.
     """
     wall: dict[str, list[float]] = {name: [] for name in paths}
     cpu: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(cycles):
         for name, (fn, threads) in paths.items():
             with thread_count(threads):
-                fn()
-                for _ in range(calls):
-                    c0 = time.thread_time()
-                    t0 = time.perf_counter()
-                    fn()
-                    wall[name].append(time.perf_counter() - t0)
-                    cpu[name].append(time.thread_time() - c0)
+                wall_s, cpu_s = time_calls(fn, calls)
+            wall[name] += wall_s
+            cpu[name] += cpu_s
     return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in paths}
 
 
@@ -345,148 +340,203 @@ def blas_description() -> dict[str, str]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, not for reporting)")
-    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench.json")
-    args = parser.parse_args()
-    load_before = os.getloadavg()
+# ---------------------------------------------------------------------------------------------------------------
+# the benchmark
+# ---------------------------------------------------------------------------------------------------------------
 
-    rng = np.random.default_rng(2016)
+
+@dataclass(frozen=True)
+class Networks:
+    """The paper's MLP (and a 50 %-sparse twin, for the model size) in every engine the benchmark times."""
+
+    layers: list[tuple[np.ndarray, np.ndarray]]
+    sparse_layers: list[tuple[np.ndarray, np.ndarray]]
+    packed: PackedNetwork
+    fast: K.KernelNetwork
+    floats: Float32Network
+    torch_floats: TorchFloat32Network | None
+
+    def fast_per_layer(self, x_bits: np.ndarray) -> np.ndarray:
+        """The fast kernel one layer call at a time (packed bits between calls), not fused."""
+        words = K.pack_input_bits(x_bits)
+        for lay in self.fast.layers[:-1]:
+            words = lay.forward_bits(words)
+        return self.fast.layers[-1].preactivations(words)
+
+    def naive_chain(self, x_bits: np.ndarray) -> np.ndarray:
+        """The plain numba loop (benchmarks/naive_kernel.py) layer by layer."""
+        words = K.pack_input_bits(x_bits)
+        for lay in self.packed.layers[:-1]:
+            words = K.pack_input_bits(preactivations_naive(words, lay.signs, lay.mask, lay.offset) >= 0)
+        last = self.packed.layers[-1]
+        return preactivations_naive(words, last.signs, last.mask, last.offset)
+
+
+def build_networks(rng: np.random.Generator) -> Networks:
+    """Random weights, packed and laid out for every engine (none of this is timed)."""
     layers = random_ternary_layers(rng, 0.0)
     sparse_layers = random_ternary_layers(rng, 0.5)
     packed = PackedNetwork.from_ternary(layers)
-    fast = K.KernelNetwork.from_packed(packed)  # weight packing and layout: not timed
-    fast_layers = fast.layers
-    floats = FloatChains(layers)
+    floats = Float32Network(layers)
+    torch_floats = TorchFloat32Network(floats) if torch is not None else None
+    return Networks(layers, sparse_layers, packed, K.KernelNetwork.from_packed(packed), floats, torch_floats)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of random pixels, encoded for the bitwise paths (bool) and the float paths (+-1 float32)."""
+
+    x_bits: np.ndarray
+    x_float: np.ndarray
+    x_torch: object  # torch.Tensor sharing x_float's memory, or None without torch
+
+    @property
+    def n(self) -> int:
+        return len(self.x_bits)
+
+
+def make_batch(rng: np.random.Generator, n: int) -> Batch:
     encoder = ThresholdEncoder()
-    cores = os.cpu_count() or 1
+    pixels = rng.integers(0, 256, (n, SIZES[0]), dtype=np.uint8)
+    x_float = encoder.encode(pixels)
+    return Batch(encoder.encode_bits(pixels), x_float, torch.from_numpy(x_float) if torch is not None else None)
 
-    def fast_per_layer(x_bits):
-        words = K.pack_input_bits(x_bits)
-        for lay in fast_layers[:-1]:
-            words = lay.forward_bits(words)
-        return fast_layers[-1].preactivations(words)
 
-    def naive_chain(x_bits):
-        words = K.pack_input_bits(x_bits)
-        for lay in packed.layers[:-1]:
-            words = K.pack_input_bits(K.preactivations_naive(words, lay.signs, lay.mask, lay.offset) >= 0)
-        last = packed.layers[-1]
-        return K.preactivations_naive(words, last.signs, last.mask, last.offset)
+def check_same_scores(nets: Networks, batch: Batch) -> None:
+    """Every path must give the fast kernel's integers before anything is timed."""
+    reference = nets.fast.forward_counts(batch.x_bits)
+    checks = {
+        "numpy float": nets.floats(batch.x_float),
+        "numpy packed": nets.packed.forward_counts(batch.x_bits),
+        "fast per-layer": nets.fast_per_layer(batch.x_bits),
+        "numba naive": nets.naive_chain(batch.x_bits),
+    }
+    if nets.torch_floats is not None:
+        checks["torch float"] = nets.torch_floats(batch.x_torch).numpy()
+    for name, scores in checks.items():
+        if not np.array_equal(np.asarray(scores).astype(np.int64), reference.astype(np.int64)):
+            raise SystemExit(f"{name} scores differ from the fast kernel's at batch {batch.n}")
 
-    results: dict = {}
-    table = []
-    quick = args.quick
-    plan = ((1, 50, 2), (10_000, 1, 2)) if quick else ((1, 100, 3), (10_000, 2, 3))  # batch, calls, cycles
-    for n, calls, cycles in plan:
-        pixels = rng.integers(0, 256, (n, SIZES[0]), dtype=np.uint8)
-        x_bits = encoder.encode_bits(pixels)  # bool, what the bitwise paths take
-        x_float = encoder.encode(pixels)  # +-1 float32, what the float paths take
-        x_torch = torch.from_numpy(x_float) if torch is not None else None
 
-        # Same integers everywhere before any timing.
-        reference = fast.forward_counts(x_bits)
-        checks = {
-            "numpy float": floats.numpy(x_float),
-            "numpy packed": packed.forward_counts(x_bits),
-            "fast per-layer": fast_per_layer(x_bits),
-            "numba naive": naive_chain(x_bits),
-        }
-        if torch is not None:
-            checks["torch float"] = floats.torch(x_torch).numpy()
-        for name, scores in checks.items():
-            if not np.array_equal(np.asarray(scores).astype(np.int64), reference.astype(np.int64)):
-                raise SystemExit(f"{name} scores differ from the fast kernel's at batch {n}")
+def timed_paths(nets: Networks, batch: Batch, cores: int) -> Paths:
+    """The paths timed side by side: the fast kernel (library threads and 1 thread), its per-layer calls, the
+    naive numba loop, and float32 numpy / torch with all cores and with 1."""
+    x_bits, x_float, x_torch = batch.x_bits, batch.x_float, batch.x_torch
+    paths: Paths = {
+        FUSED: (lambda: nets.fast.forward_counts(x_bits), None),
+        FUSED_1: (lambda: nets.fast.forward_counts(x_bits), 1),
+        "fast kernel (per-layer calls)": (lambda: nets.fast_per_layer(x_bits), None),
+        "numba naive loop": (lambda: nets.naive_chain(x_bits), None),
+    }
+    for count in sorted({cores, 1}, reverse=True):
+        label = f"{count} thread" + ("s" if count > 1 else "")
+        paths[f"numpy float32 ({label})"] = (lambda: nets.floats(x_float), count)
+        if nets.torch_floats is not None:
+            paths[f"torch float32 ({label})"] = (lambda: nets.torch_floats(x_torch), count)
+    return paths
 
-        # (function, threads): None = the library's own choice, as a user gets it.
-        paths = {
-            FUSED: (lambda x=x_bits: fast.forward_counts(x), None),
-            FUSED_1: (lambda x=x_bits: fast.forward_counts(x), 1),
-            "fast kernel (per-layer calls)": (lambda x=x_bits: fast_per_layer(x), None),
-            "numba naive loop": (lambda x=x_bits: naive_chain(x), None),
-        }
-        for count in sorted({cores, 1}, reverse=True):
-            label = f"{count} thread" + ("s" if count > 1 else "")
-            paths[f"numpy float32 ({label})"] = (lambda x=x_float: floats.numpy(x), count)
-            if torch is not None:
-                paths[f"torch float32 ({label})"] = (lambda x=x_torch: floats.torch(x), count)
-        times = time_paths(paths, calls, cycles)
-        packed_calls = 100 if n == 1 else 1
-        packed_cycles = 2 if n == 1 else (5 if not quick else 1)
-        packed_path = {PACKED: (lambda x=x_bits: packed.forward_counts(x), None)}
-        times[PACKED] = time_paths(packed_path, packed_calls, packed_cycles)[PACKED]
 
-        float_times = {name: t[0] for name, t in times.items() if "float32" in name}
-        float_path = min(float_times, key=float_times.get)
-        float_s = float_times[float_path]
-        # Same rule for the bitwise side: the faster of the library's own thread choice and one thread
-        # (on a shared machine a second thread can lose more to waiting for a busy core than it gains).
-        fused_times = {name: times[name][0] for name in (FUSED, FUSED_1)}
-        bitwise_path = min(fused_times, key=fused_times.get)
-        bitwise_s = fused_times[bitwise_path]
-        # Per core, from CPU time of single-threaded runs: robust to the other processes on this machine.
-        float_cpu_1 = min(t[1] for name, t in times.items() if "float32" in name and "(1 thread)" in name)
-        bitwise_cpu_1 = times[FUSED_1][1]
-        bitops = n * sum(a * b for a, b in itertools.pairwise(SIZES))
-        results[f"batch_{n}"] = {
-            "float_s": float_s,
-            "bitwise_s": bitwise_s,
-            "speedup_vs_float": float_s / bitwise_s,
-            "numpy_packed_s": times[PACKED][0],
-            "float_path": float_path,
-            "bitwise_path": bitwise_path,
-            "bitwise_default_threads_s": times[FUSED][0],
-            "all_paths_s": {name: t[0] for name, t in times.items()},
-            "bitwise_bitops_per_s": bitops / bitwise_s,
-            "single_thread_cpu": {
-                "float_s": float_cpu_1,
-                "bitwise_s": bitwise_cpu_1,
-                "speedup_vs_float": float_cpu_1 / bitwise_cpu_1,
-                "bitwise_bitops_per_s": bitops / bitwise_cpu_1,
-            },
-            "timed_calls": calls * cycles,
-        }
-        for name, (seconds, cpu_s) in sorted(times.items(), key=lambda kv: kv[1][0]):
-            cpu_text = f"{cpu_s * 1e3:.4f}" if "1 thread" in name else ""
-            row = [n, name, f"{seconds * 1e3:.4f}", cpu_text, f"{seconds / n * 1e6:.3f}", f"{float_s / seconds:.1f}x"]
-            table.append(row)
+def time_batch(nets: Networks, batch: Batch, calls: int, cycles: int, quick: bool, cores: int) -> dict:
+    """Median (wall, thread CPU) seconds per call of every path; the slow numpy packed path on its own,
+    with fewer calls."""
+    times = time_paths(timed_paths(nets, batch, cores), calls, cycles)
+    packed_calls = 100 if batch.n == 1 else 1
+    packed_cycles = 2 if batch.n == 1 else (5 if not quick else 1)
+    packed_path = {PACKED: (lambda: nets.packed.forward_counts(batch.x_bits), None)}
+    times[PACKED] = time_paths(packed_path, packed_calls, packed_cycles)[PACKED]
+    return times
 
-    dense_bytes = model_bytes(layers)
-    sparse_bytes = model_bytes(sparse_layers)
-    results["model_bytes"] = {
-        "float32": dense_bytes["float32"],
-        "bitwise": dense_bytes["bitwise"],
-        "ratio": dense_bytes["float32"] / dense_bytes["bitwise"],
+
+def summarize_batch(n: int, times: dict[str, tuple[float, float]], timed_calls: int) -> dict:
+    """The batch's entry in bench.json: best float path vs best fused-kernel path, wall clock and per core."""
+    float_times = {name: t[0] for name, t in times.items() if "float32" in name}
+    float_path = min(float_times, key=float_times.get)
+    float_s = float_times[float_path]
+    # Same rule for the bitwise side: the faster of the library's own thread choice and one thread
+    # (on a shared machine a second thread can lose more to waiting for a busy core than it gains).
+    fused_times = {name: times[name][0] for name in (FUSED, FUSED_1)}
+    bitwise_path = min(fused_times, key=fused_times.get)
+    bitwise_s = fused_times[bitwise_path]
+    # Per core, from CPU time of single-threaded runs: robust to the other processes on this machine.
+    float_cpu_1 = min(t[1] for name, t in times.items() if "float32" in name and "(1 thread)" in name)
+    bitwise_cpu_1 = times[FUSED_1][1]
+    bitops = n * sum(a * b for a, b in itertools.pairwise(SIZES))
+    return {
+        "float_s": float_s,
+        "bitwise_s": bitwise_s,
+        "speedup_vs_float": float_s / bitwise_s,
+        "numpy_packed_s": times[PACKED][0],
+        "float_path": float_path,
+        "bitwise_path": bitwise_path,
+        "bitwise_default_threads_s": times[FUSED][0],
+        "all_paths_s": {name: t[0] for name, t in times.items()},
+        "bitwise_bitops_per_s": bitops / bitwise_s,
+        "single_thread_cpu": {
+            "float_s": float_cpu_1,
+            "bitwise_s": bitwise_cpu_1,
+            "speedup_vs_float": float_cpu_1 / bitwise_cpu_1,
+            "bitwise_bitops_per_s": bitops / bitwise_cpu_1,
+        },
+        "timed_calls": timed_calls,
+    }
+
+
+def table_rows(n: int, times: dict[str, tuple[float, float]], float_s: float) -> list[list]:
+    """One printed row per path, fastest first: ms per call, CPU ms (1-thread paths), us per sample, ratio."""
+    rows = []
+    for name, (seconds, cpu_s) in sorted(times.items(), key=lambda kv: kv[1][0]):
+        cpu_text = f"{cpu_s * 1e3:.4f}" if "1 thread" in name else ""
+        rows.append(
+            [n, name, f"{seconds * 1e3:.4f}", cpu_text, f"{seconds / n * 1e6:.3f}", f"{float_s / seconds:.1f}x"]
+        )
+    return rows
+
+
+def model_size_results(nets: Networks) -> dict:
+    full_bytes = model_bytes(nets.layers)  # no zero weights
+    sparse_bytes = model_bytes(nets.sparse_layers)
+    return {
+        "float32": full_bytes["float32"],
+        "bitwise": full_bytes["bitwise"],
+        "ratio": full_bytes["float32"] / full_bytes["bitwise"],
         "bitwise_sparse": sparse_bytes["bitwise"],
         "ratio_sparse": sparse_bytes["float32"] / sparse_bytes["bitwise"],
     }
 
+
+def machine_results(results: dict, cores: int, load_before: tuple[float, float, float], quick: bool) -> dict:
+    """Machine, kernels, the binary peak and the fraction of it the fused kernel reaches at batch 10000."""
     peak = binary_peak(cores)
     achieved = results["batch_10000"]["bitwise_bitops_per_s"]
     blas = blas_description()
-    results["machine"] = machine_description()
     best = results["batch_10000"]["float_path"]
-    results["float_kernel"] = (
-        f"{blas[best.split()[0]]}; fastest float path: batch 10000 {best}, batch 1 {results['batch_1']['float_path']}"
-    )
-    results["float_kernels"] = blas
-    results["bitwise_kernel"] = K.kernel_name()
-    results["binary_peak"] = peak
-    results["binary_peak_fraction"] = achieved / peak["peak_bitops_per_s"]
-    results["binary_mix_peak_fraction"] = achieved / peak["mix_peak_bitops_per_s"]
     # One core, CPU time of the single-threaded fused network against one core's share of the peaks.
     per_core = results["batch_10000"]["single_thread_cpu"]["bitwise_bitops_per_s"]
-    results["binary_peak_fraction_one_core_cpu_time"] = per_core * cores / peak["peak_bitops_per_s"]
-    results["binary_mix_peak_fraction_one_core_cpu_time"] = per_core * cores / peak["mix_peak_bitops_per_s"]
-    results["blas_env_unset"] = os.environ.get(_MARKER, "") or "none were set"
-    results["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
-    results["quick"] = quick
+    return {
+        "machine": machine_description(),
+        "float_kernel": (
+            f"{blas[best.split()[0]]}; fastest float path: batch 10000 {best}, "
+            f"batch 1 {results['batch_1']['float_path']}"
+        ),
+        "float_kernels": blas,
+        "bitwise_kernel": K.kernel_name(),
+        "binary_peak": peak,
+        "binary_peak_fraction": achieved / peak["peak_bitops_per_s"],
+        "binary_mix_peak_fraction": achieved / peak["mix_peak_bitops_per_s"],
+        "binary_peak_fraction_one_core_cpu_time": per_core * cores / peak["peak_bitops_per_s"],
+        "binary_mix_peak_fraction_one_core_cpu_time": per_core * cores / peak["mix_peak_bitops_per_s"],
+        "blas_env_unset": os.environ.get(_MARKER, "") or "none were set",
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+        "quick": quick,
+    }
 
+
+def print_report(results: dict, table: list[list], cores: int) -> None:
+    load_before = results["load_average"]["before"]
     print(f"machine: {results['machine']}")
     print(f"load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} (other processes share the CPU)")
     print(f"BLAS env unset for this run: {results['blas_env_unset']}")
-    for name, desc in blas.items():
+    for name, desc in results["float_kernels"].items():
         print(f"float kernel ({name}): {desc}")
     print(f"bitwise kernel: {results['bitwise_kernel']}")
     print()
@@ -498,6 +548,9 @@ def main() -> None:
         f"model bytes: float32 {mb['float32']:,}  bitwise {mb['bitwise']:,} ({mb['ratio']:.1f}x smaller)  "
         f"50%-sparse bitwise {mb['bitwise_sparse']:,} ({mb['ratio_sparse']:.1f}x)"
     )
+    peak = results["binary_peak"]
+    achieved = results["batch_10000"]["bitwise_bitops_per_s"]
+    per_core = results["batch_10000"]["single_thread_cpu"]["bitwise_bitops_per_s"]
     print(
         f"binary peak: clock {peak['clock_ghz_measured']:.2f} GHz (measured), "
         f"{peak['vpopcntq_zmm_per_cycle_measured']:.2f} VPOPCNTQ zmm/cycle, "
@@ -524,6 +577,34 @@ def main() -> None:
             f"{r['speedup_vs_float']:.1f}x wall clock; single-thread CPU time {one['speedup_vs_float']:.1f}x"
         )
 
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, not for reporting)")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench.json")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    load_before = os.getloadavg()
+    rng = np.random.default_rng(2016)
+    nets = build_networks(rng)
+    cores = os.cpu_count() or 1
+
+    results: dict = {}
+    table: list[list] = []
+    plan = ((1, 50, 2), (10_000, 1, 2)) if args.quick else ((1, 100, 3), (10_000, 2, 3))  # batch, calls, cycles
+    for n, calls, cycles in plan:
+        batch = make_batch(rng, n)
+        check_same_scores(nets, batch)
+        times = time_batch(nets, batch, calls, cycles, args.quick, cores)
+        results[f"batch_{n}"] = summarize_batch(n, times, calls * cycles)
+        table += table_rows(n, times, results[f"batch_{n}"]["float_s"])
+    results["model_bytes"] = model_size_results(nets)
+    results.update(machine_results(results, cores, load_before, args.quick))
+
+    print_report(results, table, cores)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")

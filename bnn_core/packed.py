@@ -8,7 +8,8 @@ never count. For one unit with inputs ``x``, sign plane ``w``, mask ``m`` and bi
     a = 2 * agreements - popcount(m) + b          # (+1 per agreement, -1 per disagreement)
     z = sign(a), sign(0) = +1                     # same rule as bnn_core.quantizers
 
-This module is the reference numpy path; :mod:`bnn_core.kernels` holds the fast one.
+This module is the reference numpy path, and the fast kernel's fallback; :mod:`bnn_core.kernels` holds the
+fast one.
 """
 
 from __future__ import annotations
@@ -76,13 +77,20 @@ class PackedLayer:
         return self.bias.astype(np.int64) - np.bitwise_count(self.mask).sum(axis=1, dtype=np.int64)
 
 
-def preactivations_numpy(x_words: np.ndarray, layer: PackedLayer, rows_per_chunk: int = 64) -> np.ndarray:
-    """Integer pre-activations ``int32 [n, n_out]`` of one layer for packed inputs ``x_words [n, words]``."""
-    out = np.empty((len(x_words), layer.n_out), dtype=np.int32)
-    offset = layer.offset
+def preactivations_numpy(
+    x_words: np.ndarray, signs: np.ndarray, mask: np.ndarray, offset: np.ndarray, rows_per_chunk: int = 64
+) -> np.ndarray:
+    """Integer pre-activations ``int32 [n, n_out]`` for packed inputs ``x_words uint64 [n, W]``:
+
+        a[i, o] = 2 * sum_w popcount(~(x[i, w] ^ signs[o, w]) & mask[o, w]) + offset[o]
+
+    with planes ``signs``/``mask uint64 [n_out, W]`` and ``offset = bias - popcount(mask row)``
+    (:attr:`PackedLayer.offset`). Rows go in chunks so the ``[rows, n_out, W]`` temporary stays small.
+    """
+    out = np.empty((len(x_words), len(signs)), dtype=np.int32)
     for start in range(0, len(x_words), rows_per_chunk):
         x = x_words[start : start + rows_per_chunk, None, :]
-        agreements = np.bitwise_count(~(x ^ layer.signs[None]) & layer.mask[None]).sum(axis=2, dtype=np.int64)
+        agreements = np.bitwise_count(~(x ^ signs[None]) & mask[None]).sum(axis=2, dtype=np.int64)
         out[start : start + rows_per_chunk] = 2 * agreements + offset
     return out
 
@@ -90,6 +98,12 @@ def preactivations_numpy(x_words: np.ndarray, layer: PackedLayer, rows_per_chunk
 def sign_bits(preactivations: np.ndarray) -> np.ndarray:
     """Hidden activations as bits: ``a >= 0`` (sign(0) = +1)."""
     return preactivations >= 0
+
+
+def forward_bits_numpy(x_words: np.ndarray, signs: np.ndarray, mask: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """A hidden layer's output as the next layer's packed input: ``pack_bits(sign_bits(a))``,
+    ``uint64 [n, ceil(n_out / 64)]``."""
+    return pack_bits(sign_bits(preactivations_numpy(x_words, signs, mask, offset)))
 
 
 @dataclass(frozen=True)
@@ -110,8 +124,9 @@ class PackedNetwork:
         """Integer pre-activations ``int32 [n, n_classes]`` of the last layer for input bits ``[n, n_in]``."""
         words = pack_bits(x_bits)
         for layer in self.layers[:-1]:
-            words = pack_bits(sign_bits(preactivations_numpy(words, layer)))
-        return preactivations_numpy(words, self.layers[-1])
+            words = forward_bits_numpy(words, layer.signs, layer.mask, layer.offset)
+        last = self.layers[-1]
+        return preactivations_numpy(words, last.signs, last.mask, last.offset)
 
     def predict(self, x_bits: np.ndarray) -> np.ndarray:
         """Class ids: argmax of the counts, ties to the lowest index."""

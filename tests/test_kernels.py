@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bnn_core import kernel_codegen
 from bnn_core import kernels as K
-from bnn_core.packed import PackedLayer, PackedNetwork, pack_bits, preactivations_numpy
+from bnn_core.packed import PackedLayer, PackedNetwork, forward_bits_numpy, pack_bits, preactivations_numpy
 
 needs_numba = pytest.mark.skipif(not K.FAST_KERNEL_AVAILABLE, reason="numba kernels not available")
 
@@ -57,7 +58,7 @@ def test_kernel_equals_numpy_engine_and_integer_matmul(n, n_in, n_out, zero_frac
     layer = PackedLayer.from_ternary(w, b)
     words = pack_bits(x > 0)
     offset = layer.offset
-    expected = preactivations_numpy(words, layer)
+    expected = preactivations_numpy(words, layer.signs, layer.mask, offset)
     np.testing.assert_array_equal(expected, integer_matmul(x, w, b))
     with force_parallel() if parallel else mock.patch.object(K, "PARALLEL_MIN_WORK", 1 << 60):
         got = K.preactivations(words, layer.signs, layer.mask, offset)
@@ -66,9 +67,8 @@ def test_kernel_equals_numpy_engine_and_integer_matmul(n, n_in, n_out, zero_frac
     np.testing.assert_array_equal(got, expected)
     assert bits.dtype == np.uint64 and bits.shape == (n, -(-n_out // 64))
     np.testing.assert_array_equal(bits, pack_bits(expected >= 0))
-    # The numpy fallback, called directly, gives the same integers.
-    np.testing.assert_array_equal(K.preactivations_fallback(words, layer.signs, layer.mask, offset), expected)
-    np.testing.assert_array_equal(K.forward_layer_bits_fallback(words, layer.signs, layer.mask, offset), bits)
+    # The numpy fallback (bnn_core.packed), called directly, gives the same packed bits.
+    np.testing.assert_array_equal(forward_bits_numpy(words, layer.signs, layer.mask, offset), bits)
 
 
 @pytest.mark.parametrize("zero_fraction", [0.0, 1.0])
@@ -176,7 +176,7 @@ def test_kernel_network_equals_packed_network(n, n_in, hidden, n_classes, sparsi
 def test_kernel_network_parallel_over_many_row_chunks():
     rng = np.random.default_rng(5)
     layers = [random_layer(rng, 100, 130, 0.2), random_layer(rng, 130, 70, 0.0), random_layer(rng, 70, 10, 0.5)]
-    x = rng.random((K.CHUNK_ROWS * 5 + 7, 100)) > 0.5
+    x = rng.random((kernel_codegen.CHUNK_ROWS * 5 + 7, 100)) > 0.5
     packed = PackedNetwork.from_ternary(layers)
     with force_parallel():
         got = K.KernelNetwork.from_packed(packed).forward_counts(x)
@@ -206,23 +206,83 @@ def test_fallback_path_gives_identical_results():
     np.testing.assert_array_equal(fast_results[0], packed.forward_counts(x))
 
 
-@needs_numba
-def test_compilation_failure_switches_to_numpy_with_a_warning():
-    rng = np.random.default_rng(8)
+def _small_network(seed):
+    rng = np.random.default_rng(seed)
     layers = [random_layer(rng, 40, 20, 0.3), random_layer(rng, 20, 3, 0.0)]
-    x = rng.random((5, 40)) > 0.5
     packed = PackedNetwork.from_ternary(layers)
-    fast = K.KernelNetwork.from_packed(packed)
+    return packed, K.KernelNetwork.from_packed(packed), rng.random((5, 40)) > 0.5
+
+
+def _compiled_call(kind, fast, packed, x):
+    """(name of a compiled function in bnn_core.kernel_codegen, a public call that runs it)."""
+    layer = packed.layers[0]
+    words = pack_bits(x)
+    calls = {
+        "network": ("network_serial", lambda: fast.forward_counts(x)),
+        "layer": ("layer_serial", lambda: K.preactivations(words, layer.signs, layer.mask, layer.offset)),
+        "pack": ("pack_rows", lambda: K.pack_input_bits(x)),
+    }
+    return calls[kind]
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", ["network", "layer", "pack"])
+def test_numba_compile_error_falls_back_to_numpy_and_says_so(kind, monkeypatch, capsys):
+    from numba.core.errors import LoweringError
+
+    packed, fast, x = _small_network(8)
+    name, call = _compiled_call(kind, fast, packed, x)
+    expected = call()
 
     def broken(*args):
-        raise RuntimeError("LLVM IR parsing error (simulated)")
+        raise LoweringError("simulated LLVM lowering failure\nsecond line of numba's report")
 
-    with mock.patch.object(K, "_fast_failure", None), mock.patch.object(K, "_network_serial", broken):
-        with pytest.warns(UserWarning, match="fast kernel unavailable"):
-            got = fast.forward_counts(x)
-        assert K.kernel_name().startswith("numpy-fallback (compilation failed: RuntimeError")
-        np.testing.assert_array_equal(got, packed.forward_counts(x))
+    monkeypatch.setattr(K, "_fast_failure", None)
+    monkeypatch.setattr(kernel_codegen, name, broken)
+    np.testing.assert_array_equal(call(), expected)
+    np.testing.assert_array_equal(call(), expected)
+    np.testing.assert_array_equal(fast.forward_counts(x), packed.forward_counts(x))
+    err = capsys.readouterr().err
+    assert err.count("WARNING: fast kernel unavailable") == 1  # once per process, not once per call
+    assert "LoweringError: simulated LLVM lowering failure" in err
+    expected_name = "numpy-fallback (numba compilation failed: LoweringError: simulated LLVM lowering failure)"
+    assert K.kernel_name() == expected_name
+
+
+@needs_numba
+@pytest.mark.parametrize("error", [ValueError("bad value"), ZeroDivisionError("division by zero"), MemoryError()])
+def test_other_errors_propagate_and_keep_the_fast_kernel(error, monkeypatch, capsys):
+    packed, fast, x = _small_network(9)
+
+    def broken(*args):
+        raise error
+
+    monkeypatch.setattr(K, "_fast_failure", None)
+    monkeypatch.setattr(kernel_codegen, "network_serial", broken)
+    with pytest.raises(type(error)):
+        fast.forward_counts(x)
+    assert K._fast_failure is None
     assert K.kernel_name().startswith("numba-xnor-popcount")
+    assert "WARNING" not in capsys.readouterr().err
+    monkeypatch.undo()
+    np.testing.assert_array_equal(fast.forward_counts(x), packed.forward_counts(x))
+
+
+def test_network_meta_columns_describe_each_layer():
+    rng = np.random.default_rng(10)
+    layers = [random_layer(rng, 100, 130, 0.2), random_layer(rng, 130, 70, 0.0), random_layer(rng, 70, 10, 0.5)]
+    fast = K.KernelNetwork.from_packed(PackedNetwork.from_ternary(layers))
+    assert fast.meta.shape == (3, kernel_codegen.META_COLUMNS)
+    for li, lay in enumerate(fast.layers):
+        row = fast.meta[li]
+        w_start, o_start = row[kernel_codegen.META_WEIGHT_START], row[kernel_codegen.META_OFFSET_START]
+        np.testing.assert_array_equal(fast.weights[w_start : w_start + lay.tiles.size], lay.tiles)
+        np.testing.assert_array_equal(fast.tile_offsets[o_start : o_start + lay.tile_offset.size], lay.tile_offset)
+        assert row[kernel_codegen.META_IN_WORDS] == lay.n_in_words
+        assert row[kernel_codegen.META_TILES] == lay.n_tiles
+        assert row[kernel_codegen.META_MASKED] == lay.masked
+        assert fast.weights[w_start:].ctypes.data % 64 == 0  # each layer starts on a cache line
+    assert [lay.masked for lay in fast.layers] == [True, False, True]
 
 
 def test_without_numba_everything_runs_on_numpy():
@@ -247,17 +307,6 @@ def test_pack_input_bits_equals_pack_bits(n, n_in, seed):
     bits = np.random.default_rng(seed).random((n, 2 * n_in)) > 0.5
     np.testing.assert_array_equal(K.pack_input_bits(bits[:, :n_in]), pack_bits(bits[:, :n_in]))
     np.testing.assert_array_equal(K.pack_input_bits(bits[:, ::2]), pack_bits(bits[:, ::2]))  # not contiguous
-
-
-@needs_numba
-def test_naive_numba_kernel_agrees():
-    rng = np.random.default_rng(11)
-    w, b = random_layer(rng, 300, 75, 0.4)
-    x = rng.choice([-1, 1], (20, 300))
-    layer = PackedLayer.from_ternary(w, b)
-    words = pack_bits(x > 0)
-    got = K.preactivations_naive(words, layer.signs, layer.mask, layer.offset)
-    np.testing.assert_array_equal(got, integer_matmul(x, w, b))
 
 
 def test_empty_batch_and_bad_shapes():

@@ -44,7 +44,7 @@ def test_packed_layer_equals_integer_matmul(n_in, n_out, zero_fraction, seed):
     b = rng.choice([-1, 1], n_out)
     x = rng.choice([-1, 1], (17, n_in))
     layer = PackedLayer.from_ternary(w, b)
-    got = preactivations_numpy(pack_bits(x > 0), layer, rows_per_chunk=5)
+    got = preactivations_numpy(pack_bits(x > 0), layer.signs, layer.mask, layer.offset, rows_per_chunk=5)
     np.testing.assert_array_equal(got, reference_preactivations(x, w, b))
     np.testing.assert_array_equal(layer.to_ternary()[0], w)
 
@@ -55,7 +55,7 @@ def test_ties_at_zero_follow_sign_of_zero_plus_one():
     b = np.array([-1])
     x = np.array([[1, 1, 1]])  # a = 1 - 1 + 1 - 1 = 0
     layer = PackedLayer.from_ternary(w, b)
-    a = preactivations_numpy(pack_bits(x > 0), layer)
+    a = preactivations_numpy(pack_bits(x > 0), layer.signs, layer.mask, layer.offset)
     assert a[0, 0] == 0
     net = PackedNetwork.from_ternary([(w, b), (np.array([[1], [-1]]), np.array([1, 1]))])
     # sign(0) = +1 feeds +1 to the next layer: scores (1+1, -1+1) = (2, 0).
@@ -87,5 +87,5 @@ def test_random_networks_do_produce_ties():
     torch.manual_seed(0)
     net = BitwiseMLP.from_compressed(CompressedMLP(8, [8], 4, 0.0, 0.0), 0.5, "identity").eval()
     x = torch.where(torch.rand(200, 8) > 0.5, 1.0, -1.0)
-    (w0, b0), _ = net.binary_parameters()
+    (w0, b0), _ = net.quantized_parameters()
     assert bool(((x @ w0.T + b0) == 0).any())
