@@ -30,8 +30,8 @@ def run(ctx: StageContext) -> None:
         network = BitwiseMLP(splits.n_features, hidden, n_out, optim.sparsity, optim.grad)
     architecture = {
         "n_in": splits.n_features,
-        "hidden": [w.shape[0] for w in network.weights[:-1]],
-        "n_out": network.weights[-1].shape[0],
+        "hidden": network.hidden,
+        "n_out": network.n_out,
         "sparsity": optim.sparsity,
         "grad": optim.grad,
     }

@@ -1,3 +1,5 @@
+"""Each quantizer's forward rule and (pseudo-)gradient are the formulas its docstring states."""
+
 import math
 
 import numpy as np
@@ -5,16 +7,69 @@ import pytest
 import torch
 
 from bnn_core.errors import ConfigError
-from bnn_core.networks import BitwiseMLP, CompressedMLP
+from bnn_core.networks import BitwiseMLP
 from bnn_core.quantizers import (
+    REGISTRIES,
     SIGN_GRADIENTS,
     binarize,
     kth_smallest,
     nonzero_mask,
+    quantizer,
     sign,
     sign_activation,
     ternarize,
 )
+
+X = [-3.0, -1.0, -0.4, -0.1, 0.0, 0.2, 0.7, 2.5]
+FAN_IN = 4  # sign's backward rules see u = a / sqrt(4) = a / 2
+
+
+def _sign(x):
+    return np.where(x >= 0, 1.0, -1.0)
+
+
+# (kind, name, options, forward(x), d forward / dx) as the docstrings state them, on numpy arrays.
+DOCUMENTED = [
+    ("weight", "identity", {}, lambda x: x, np.ones_like),
+    ("weight", "tanh", {}, np.tanh, lambda x: 1 - np.tanh(x) ** 2),
+    # sparsity 0.25 of 8 weights: the 2 smallest in magnitude (0.0, -0.1) become 0
+    ("weight", "ternary", {"sparsity": 0.25}, lambda x: _sign(x) * (np.abs(x) > 0.1), np.ones_like),
+    ("bias", "identity", {}, lambda x: x, np.ones_like),
+    ("bias", "tanh", {}, np.tanh, lambda x: 1 - np.tanh(x) ** 2),
+    ("bias", "sign", {}, _sign, np.ones_like),
+    ("activation", "tanh", {}, np.tanh, lambda x: 1 - np.tanh(x) ** 2),
+    ("activation", "sign", {"fan_in": FAN_IN, "grad": "identity"}, _sign, np.ones_like),
+    ("activation", "sign", {"fan_in": FAN_IN, "grad": "tanh"}, _sign, lambda x: 1 - np.tanh(x / 2) ** 2),
+    ("activation", "sign", {"fan_in": FAN_IN, "grad": "ste"}, _sign, lambda x: (np.abs(x / 2) <= 1).astype(float)),
+]
+
+
+@pytest.mark.parametrize(("kind", "name", "options", "forward", "derivative"), DOCUMENTED)
+def test_each_quantizer_follows_its_documented_formulas(kind, name, options, forward, derivative):
+    x = torch.tensor(X, requires_grad=True)
+    q = quantizer(kind, name, **options)
+    y = q(x)
+    upstream = torch.linspace(0.5, 2.0, len(X))
+    (y * upstream).sum().backward()
+    np.testing.assert_allclose(y.detach().numpy(), forward(np.array(X)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(x.grad.numpy(), upstream.numpy() * derivative(np.array(X)), rtol=1e-6, atol=1e-7)
+
+
+def test_every_registered_quantizer_and_gradient_rule_is_documented_above():
+    assert {(kind, name) for kind, name, *_ in DOCUMENTED} == {
+        (kind, name) for kind, registry in REGISTRIES.items() for name in registry
+    }
+    assert {o["grad"] for kind, name, o, *_ in DOCUMENTED if name == "sign" and kind == "activation"} == set(
+        SIGN_GRADIENTS
+    )
+
+
+def test_unknown_names_and_wrong_options_fail_when_the_quantizer_is_made():
+    with pytest.raises(ConfigError, match="unknown weight quantizer 'binary'.*identity, tanh, ternary"):
+        quantizer("weight", "binary")
+    with pytest.raises(TypeError):
+        quantizer("weight", "ternary", fan_in=3)
+    assert repr(quantizer("weight", "ternary", sparsity=0.5)) == "ternary(sparsity=0.5)"
 
 
 def test_sign_of_zero_is_plus_one():
@@ -25,9 +80,9 @@ def test_sign_of_zero_is_plus_one():
 def test_ternarize_zeroes_the_asked_fraction_of_each_layer(sparsity):
     torch.manual_seed(0)
     net = BitwiseMLP(100, [37, 70], 10, sparsity, "identity")
-    for (w, b), shadow in zip(net.binary_parameters(), net.weights, strict=True):
+    for (w, b), layer in zip(net.quantized_parameters(), net.layers, strict=True):
         assert set(torch.unique(w).tolist()) <= {-1.0, 0.0, 1.0}
-        assert int((w == 0).sum()) == round(sparsity * shadow.numel())
+        assert int((w == 0).sum()) == round(sparsity * layer.weight.numel())
         assert set(torch.unique(b).tolist()) <= {-1.0, 1.0}
 
 
@@ -61,7 +116,7 @@ def test_weights_and_biases_pass_gradients_straight_through():
         ("ste", lambda u: (np.abs(u) <= 1).astype(float)),
     ],
 )
-def test_each_gradient_rule_of_sign(rule, expected):
+def test_each_gradient_rule_of_sign_scales_by_sqrt_fan_in(rule, expected):
     fan_in = 16
     a = torch.tensor([-9.0, -4.0, -1.0, 0.0, 2.0, 4.0, 5.0, 30.0], requires_grad=True)
     z = sign_activation(a, fan_in, rule)
@@ -80,18 +135,5 @@ def test_rules_differ_where_they_should():
 
 
 def test_unknown_rule_is_a_config_error():
-    with pytest.raises(ConfigError, match="finetune.grad"):
+    with pytest.raises(ConfigError, match="unknown gradient rule 'sigmoid'"):
         sign_activation(torch.zeros(2), 4, "sigmoid")
-
-
-def test_bitwise_forward_is_integer_and_uses_only_binary_values():
-    torch.manual_seed(1)
-    real = CompressedMLP(30, [20], 5, 0.0, 0.0)
-    net = BitwiseMLP.from_compressed(real, 0.3, "ste")
-    torch.testing.assert_close(net.weights[0].detach(), torch.tanh(real.weights[0]).detach())
-    x = torch.where(torch.rand(8, 30) > 0.5, 1.0, -1.0)
-    scores = net(x)
-    assert torch.equal(scores, scores.round())
-    (w0, b0), (w1, b1) = net.binary_parameters()
-    hidden = sign(x @ w0.T + b0)
-    torch.testing.assert_close(scores, hidden @ w1.T + b1)
