@@ -1,4 +1,4 @@
-"""Input binarizers: raw 0..255 pixels -> network inputs (method.md, "Binary input features").
+"""Input binarizers: raw 0..255 pixels -> network inputs (docs/method.md, section 2).
 
 Each encoder maps ``pixels[n, p]`` (uint8) to ``features[n, f]`` (float32):
 

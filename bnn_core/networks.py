@@ -120,7 +120,7 @@ def _layer_sizes(n_in: int, hidden: list[int], n_out: int) -> list[tuple[int, in
 
 
 class CompressedMLP(QuantizedMLP):
-    """Round 1: ``a_i = tanh(b~_i) + sum_j tanh(w~_ij) z_j``, ``z_i = tanh(a_i)`` (method.md).
+    """Round 1: ``a_i = tanh(b~_i) + sum_j tanh(w~_ij) z_j``, ``z_i = tanh(a_i)`` (docs/method.md, section 3).
 
     Weights live in [-1, 1] through tanh, so binarizing them later is a small step. Dropout on the input
     and on each hidden layer (Srivastava et al. 2014). With ``compress=False`` the weights are used as

@@ -1,4 +1,4 @@
-"""Packed-bit inference: bipolar values as bits in uint64 words, XNOR and popcount (method.md).
+"""Packed-bit inference: bipolar values as bits in uint64 words, XNOR and popcount (docs/method.md, section 6).
 
 Encoding: bit 1 = +1, bit 0 = -1. Feature ``j`` sits in word ``j // 64``, bit ``j % 64``. A ternary
 weight row is two planes: its sign bits and a nonzero mask. Padding bits are 0 in the mask, so they

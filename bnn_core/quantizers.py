@@ -137,8 +137,9 @@ def identity_grad(u: torch.Tensor) -> torch.Tensor:
 
 
 def tanh_grad(u: torch.Tensor) -> torch.Tensor:
-    """``dz/da = 1 - tanh(u)^2`` with ``u = a / sqrt(fan_in)``: the derivative of round 1's tanh activation
-    (a common variant, the method notes)."""
+    """``dz/da = 1 - tanh(u)^2`` with ``u = a / sqrt(fan_in)``: a smooth gate shaped like the derivative of
+    round 1's tanh, taken on the scaled pre-activation and without its ``1/sqrt(fan_in)`` factor (our
+    choice, docs/method.md section 4)."""
     return 1.0 - torch.tanh(u) ** 2
 
 
