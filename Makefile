@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Stage commands in dvc.yaml call `python`: make it the project's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: dashboard repro test lint params bench
+.PHONY: dashboard repro test test-fast lint params dvc-yaml bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
+# The inner loop: everything but the tests marked slow (real stages, subprocesses, servers); under 90 s.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -m "not slow" -q
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
@@ -36,6 +41,10 @@ bench: $(STAMP)
 params: $(STAMP)
 	$(BIN)/python -c "from pathlib import Path; from dvc.utils.hydra import compose_and_dump; \
 	compose_and_dump(Path('params.yaml'), str(Path('conf').resolve()), None, 'config', '.', [])"
+
+# Rewrite dvc.yaml from the stage table in pipeline/stages.py (code deps = each stage's import closure).
+dvc-yaml: $(STAMP)
+	$(BIN)/python -m pipeline.stages
 
 # MLflow UI on the project's store, local only.
 MLFLOW_PORT ?= 5000

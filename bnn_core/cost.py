@@ -14,7 +14,7 @@ Convention (in the spirit of ``larq.models.summary``; documented in the README):
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -67,9 +67,6 @@ class CostReport:
             "real_weight_bits": real_bits,
             "memory_ratio": real_bits / binary_bits,
         }
-
-    def rows(self) -> list[dict[str, int | str]]:
-        return [asdict(layer) for layer in self.layers]
 
     def to_markdown(self) -> str:
         header = (

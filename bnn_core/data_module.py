@@ -121,6 +121,3 @@ class FeatureDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._dataset("val"), batch_size=self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self._dataset("test"), batch_size=self.eval_batch_size)

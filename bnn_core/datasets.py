@@ -127,12 +127,18 @@ def _images_and_labels(images_path: Path, labels_path: Path, n_classes: int) -> 
     return LabelledImages(images.reshape(len(images), -1), labels.astype(np.int64))
 
 
-def load_idx_folder(folder: str | Path, n_classes: int = 10) -> SourceData:
-    """Load the four standard IDX files (``train-images-idx3-ubyte[.gz]`` ...) from ``folder``."""
+def idx_folder_files(folder: str | Path) -> dict[str, Path]:
+    """The four standard IDX files of ``folder`` (``train_images`` -> ``train-images-idx3-ubyte[.gz]``, ...)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: data folder not found")
-    paths = {key: _find_idx_file(folder, stem) for key, stem in IDX_FILE_STEMS.items()}
+    return {key: _find_idx_file(folder, stem) for key, stem in IDX_FILE_STEMS.items()}
+
+
+def load_idx_folder(folder: str | Path, n_classes: int = 10) -> SourceData:
+    """Load the four standard IDX files (``train-images-idx3-ubyte[.gz]`` ...) from ``folder``."""
+    folder = Path(folder)
+    paths = idx_folder_files(folder)
     train = _images_and_labels(paths["train_images"], paths["train_labels"], n_classes)
     test = _images_and_labels(paths["test_images"], paths["test_labels"], n_classes)
     if train.pixels.shape[1] != test.pixels.shape[1]:

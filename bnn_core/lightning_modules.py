@@ -1,8 +1,8 @@
-"""Lightning modules of the two training rounds, and the callback that keeps the best validation state."""
+"""Lightning modules of the two training rounds. They log ``<split>/loss`` and ``<split>/accuracy`` per
+epoch; keeping the best validation epoch is the trainer's job (e.g. Lightning's ModelCheckpoint)."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import lightning as L
@@ -48,9 +48,6 @@ class _Classifier(L.LightningModule):
     def validation_step(self, batch, batch_idx):  # type: ignore[override]
         self._step(batch, "val")
 
-    def test_step(self, batch, batch_idx):  # type: ignore[override]
-        self._step(batch, "test")
-
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:  # type: ignore[override]
         try:
             super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -90,30 +87,7 @@ class FinetuneModule(_Classifier):
     def __init__(self, network: BitwiseMLP, lr: float, epochs: int, weight_decay: float = 0.0):
         super().__init__(lr, epochs, weight_decay)
         self.network = network
-        self.loss_scale = 1.0 / math.sqrt(network.weights[-1].shape[1])
+        self.loss_scale = 1.0 / math.sqrt(network.layers[-1].fan_in)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:  # type: ignore[override]
         self.network.clip_shadow_weights()
-
-
-class BestValidationState(L.Callback):
-    """Remember the network's weights at the epoch of best validation accuracy (model selection on the
-    validation split; the test split is never looked at during training)."""
-
-    def __init__(self, monitor: str = "val/accuracy"):
-        self.monitor = monitor
-        self.best_score = -math.inf
-        self.best_epoch = -1
-        self.best_state: dict[str, torch.Tensor] | None = None
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        score = float(trainer.callback_metrics[self.monitor])
-        if score > self.best_score:
-            self.best_score, self.best_epoch = score, trainer.current_epoch
-            self.best_state = copy.deepcopy(pl_module.network.state_dict())
-
-    def restore(self, pl_module: L.LightningModule) -> None:
-        if self.best_state is not None:
-            pl_module.network.load_state_dict(self.best_state)

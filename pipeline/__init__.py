@@ -1,0 +1,1 @@
+"""bitwise-nn pipeline: one Hydra entry point per stage; the stage graph is pipeline/stages.py."""

@@ -12,19 +12,22 @@ import numpy as np
 import torch
 
 from bnn_core.cost import real_valued_cost
-from bnn_core.data_module import FeatureDataModule, FeatureSplits, split_source
+from bnn_core.data_module import FeatureSplits, split_source
 from bnn_core.input_encoders import RealScaler
-from bnn_core.lightning_modules import BestValidationState, PretrainModule
-from bnn_core.networks import CompressedMLP
+from bnn_core.lightning_modules import PretrainModule
+from bnn_core.networks import CompressedMLP, predict_classes
 from pipeline.artifacts import read_features
 from pipeline.files import write_json
 from pipeline.sources import load_source
 from pipeline.stage import StageContext, seed_everything, stage_main
+from pipeline.training import fit
 
 
 def train_real_valued(ctx: StageContext, splits: FeatureSplits) -> dict[str, float]:
+    """Round 1's training (:func:`pipeline.training.fit`) of the uncompressed network on ``splits``."""
     model, optim = ctx.config.model, ctx.config.pretrain
-    seed_everything(ctx.config)
+    seed_everything(ctx.config)  # each baseline starts from the seed, as if it were the only one
+    layer_sizes = [splits.n_features, *model.hidden, ctx.config.data.n_classes]
     network = CompressedMLP(
         splits.n_features,
         list(model.hidden),
@@ -33,19 +36,15 @@ def train_real_valued(ctx: StageContext, splits: FeatureSplits) -> dict[str, flo
         model.dropout_hidden,
         compress=False,
     )
-    module = PretrainModule(network, optim.lr, optim.epochs, optim.weight_decay)
-    best = BestValidationState()
-    data = FeatureDataModule(splits, optim.batch_size, ctx.config.seed, ctx.config.evaluate.batch_size)
-    ctx.trainer(optim.epochs, [best]).fit(module, datamodule=data)
-    best.restore(module)
+    best = fit(ctx, PretrainModule(network, optim.lr, optim.epochs, optim.weight_decay), splits, optim, [])
     network.eval()
     with torch.no_grad():
-        predictions = network(torch.from_numpy(splits.x_test)).argmax(dim=1).numpy()
+        predictions = predict_classes(network(torch.from_numpy(splits.x_test)))
     return {
         "test_accuracy": float(np.mean(predictions == splits.y_test)),
-        "best_epoch": best.best_epoch,
+        "best_epoch": best.epoch,
         "n_inputs": splits.n_features,
-        **real_valued_cost([splits.n_features, *model.hidden, ctx.config.data.n_classes]),
+        **real_valued_cost(layer_sizes),
     }
 
 

@@ -29,6 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bnn_core.errors import BnnError
+from pipeline.artifacts import Artifacts
 from pipeline.config import BinarizeConfig, Config, validate
 from pipeline.files import fail, write_json, write_text
 
@@ -71,7 +72,7 @@ def real_valued_rows(metrics: dict, baselines: dict, encoding: str) -> list[dict
             "weight_bits": net["weight_bits"],
         }
 
-    pixels, binary, compressed = baselines["real_input"], baselines["binary_input"], metrics["real"]
+    pixels, binary, compressed = baselines["real_input"], baselines["binary_input"], metrics["compressed"]
     return [
         _row("real", "real", "pixels", 0.0, pixels["test_accuracy"], **cost(pixels)),
         _row("real", "binary", encoding, 0.0, binary["test_accuracy"], **cost(binary)),
@@ -162,8 +163,8 @@ def table1_rows(job_dirs: list[Path]) -> tuple[list[dict], Config, int]:
 
     encoding = encoding_name(configs[0].data.binarize)
     jobs = sorted(zip(sparsities, job_dirs, strict=True))
-    metrics = [_read_json(job / "reports" / "metrics.json") for _, job in jobs]
-    rows = real_valued_rows(metrics[0], _read_json(jobs[0][1] / "reports" / "baselines.json"), encoding)
+    metrics = [_read_json(Artifacts(job).metrics) for _, job in jobs]
+    rows = real_valued_rows(metrics[0], _read_json(Artifacts(jobs[0][1]).baselines), encoding)
     for (sparsity, job), job_metrics in zip(jobs, metrics, strict=True):
         if job_metrics["bnn"]["sparsity"] != sparsity:
             raise BnnError(f"{job}: metrics.json is for sparsity {job_metrics['bnn']['sparsity']}, not {sparsity}")
@@ -201,7 +202,7 @@ def render_table1(rows: list[dict], config: Config, n_test: int, wall_time_s: fl
 def write_table1(root: Path, job_dirs: list[Path], wall_time_s: float | None, command: str) -> tuple[Path, list[dict]]:
     """Write ``<root>/reports/<data.source>/table1.json`` and ``table1.md``; return the folder and rows."""
     rows, config, n_test = table1_rows(job_dirs)
-    folder = root / "reports" / config.data.source
+    folder = Artifacts(root).table1_dir(config.data.source)
     write_json(folder / "table1.json", rows)
     write_text(folder / "table1.md", render_table1(rows, config, n_test, wall_time_s, command))
     return folder, rows

@@ -1,7 +1,11 @@
 """Typed schema of the Hydra configuration in ``conf/``: every key, its type and its valid range.
 
-A stage validates its composed config before doing any work: an unknown key, a wrong type or a value
-out of range ends the stage with a :class:`ConfigError` naming the key.
+:class:`Config` is ``conf/config.yaml`` (the pipeline), :class:`PredictConfig` is ``conf/predict.yaml``.
+An entry point validates its composed config before doing any work (:func:`validate`,
+:func:`validate_predict`): an unknown key, a missing or wrong-typed value or a value out of range ends it
+with a :class:`ConfigError` naming the key.
+
+Kept free of torch: ``pipeline.predict`` imports this module and should start fast.
 """
 
 from __future__ import annotations
@@ -9,13 +13,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from bnn_core.errors import ConfigError
 from bnn_core.input_encoders import ENCODER_METHODS
-from bnn_core.quantizers import SIGN_GRADIENTS
+
+Schema = TypeVar("Schema")
 
 #: The Hydra config folder, absolute so entry points work from any module and any working directory.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -132,6 +138,8 @@ class FinetuneConfig(OptimConfig):
 
     def __post_init__(self) -> None:
         self.check("finetune")
+        from bnn_core.quantizers import SIGN_GRADIENTS  # torch: only the stages that train need it
+
         _require(0.0 <= self.sparsity < 1.0, "finetune.sparsity", "must be in [0, 1)", self.sparsity)
         _require(self.grad in SIGN_GRADIENTS, "finetune.grad", f"must be one of {tuple(SIGN_GRADIENTS)}", self.grad)
         _require(self.init in FINETUNE_INITS, "finetune.init", f"must be one of {FINETUNE_INITS}", self.init)
@@ -186,17 +194,44 @@ class Config:
     chain: ChainConfig = field(default_factory=ChainConfig)
 
 
-def validate(cfg: DictConfig) -> Config:
-    """Check a composed config against the schema and return it as typed objects."""
+@dataclass
+class PredictConfig:
+    """``python -m pipeline.predict``: see its module docstring for what each key does."""
+
+    model_file: str = "models/bnn.npz"
+    images: str = MISSING
+    labels: str | None = None
+    output: str | None = None
+    batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+
+
+def _validate(schema: type[Schema], cfg: DictConfig) -> Schema:
+    """Merge ``cfg`` into the structured ``schema`` and build it; every OmegaConf complaint and every
+    range check (``__post_init__``) becomes one :class:`ConfigError` that names the key."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except MissingMandatoryValue as err:
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError(f"{key}: missing value (pass {key}=...)") from None
     except OmegaConfBaseException as err:
-        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
-        if cause is not None:
-            raise cause from None
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
         key = getattr(err, "full_key", None) or "config"
         raise ConfigError(f"{key}: {getattr(err, 'msg', str(err)).splitlines()[0]}") from None
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Check a composed ``conf/config.yaml`` against the schema and return it as typed objects."""
+    return _validate(Config, cfg)
+
+
+def validate_predict(cfg: DictConfig) -> PredictConfig:
+    """Check a composed ``conf/predict.yaml`` against :class:`PredictConfig`."""
+    return _validate(PredictConfig, cfg)
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, object]:

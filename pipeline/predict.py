@@ -21,47 +21,18 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import numpy as np
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf import DictConfig
 
 from bnn_core.bitwise_model import BitwiseModel
 from bnn_core.datasets import read_idx
-from bnn_core.errors import BnnError, ConfigError, DataError
+from bnn_core.errors import BnnError, DataError
 from bnn_core.model_file import load_bitwise_model
+from pipeline.config import CONF_DIR, PredictConfig, validate_predict
 from pipeline.files import fail, write_text
-
-
-@dataclass
-class PredictConfig:
-    model_file: str = "models/bnn.npz"
-    images: str = MISSING
-    labels: str | None = None
-    output: str | None = None
-    batch_size: int = 4096
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size!r}")
-
-
-def validate_predict(cfg: DictConfig) -> PredictConfig:
-    """Check the composed ``conf/predict.yaml`` against :class:`PredictConfig`."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(PredictConfig), cfg)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except MissingMandatoryValue as err:
-        key = getattr(err, "full_key", None) or "images"
-        raise ConfigError(f"{key}: missing value (pass {key}=<IDX file>)") from None
-    except OmegaConfBaseException as err:
-        if isinstance(err.__cause__, ConfigError):
-            raise err.__cause__ from None
-        key = getattr(err, "full_key", None) or "config"
-        raise ConfigError(f"{key}: {getattr(err, 'msg', str(err)).splitlines()[0]}") from None
 
 
 def read_images(path: str | Path) -> np.ndarray:
@@ -110,7 +81,7 @@ def predict(config: PredictConfig) -> None:
         print(f"accuracy={float(np.mean(predictions == labels)):.4f} n={len(labels)}")
 
 
-@hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         predict(validate_predict(cfg))

@@ -1,23 +1,31 @@
-"""The whole chain in one process: binarize -> pretrain -> finetune -> evaluate (+ baselines when
-``chain.baselines``), for sweeps.
+"""The whole chain in one process, for Hydra sweeps: the stages of :data:`pipeline.stages.STAGES` in order
+(baselines and report only with ``chain.baselines``).
 
     python -m pipeline.run -m model.hidden=[256,256,256],[1024,1024,1024]
     python -m pipeline.run experiment=sparsity_sweep
 
 Each job gets its own output folder (Hydra's) and one MLflow run, a child of the sweep's parent run.
-Stage outputs are cached under ``outputs/stage_cache/<stage>-<key>/``: the key is a content hash of the
-stage's config sections (the same ones ``dvc.yaml`` lists as its params), the key of the stage before
-it, and the project's source code, so jobs that share a prefix of the chain (every job of a sparsity
-sweep shares binarize and pretrain) compute it once. This is a cache, not a DVC replacement: it never
-invalidates, delete the folder to reclaim space.
+
+Stage outputs are cached under ``outputs/stage_cache/<stage>-<key>/``, so jobs that share a prefix of the
+chain (every job of a sparsity sweep shares binarize and pretrain) compute it once. A stage's key is a
+hash of everything that decides its outputs, the same things ``dvc.yaml`` lists for it: its config keys,
+the contents of its code deps (the stage module's import closure), the keys of the stages whose outputs
+it reads and, for stages that read the data source, the contents of the source's files. What a key
+covers is written beside the outputs (``.key.json``), and a reused stage says so.
+
+Why not DVC's own run cache: ``dvc repro`` works on one workspace with fixed output paths and one
+``params.yaml``, under a repository-wide lock; the parallel jobs of a joblib or submitit sweep each need
+their own params and outputs at the same time. DVC's answer to that is ``dvc exp run --queue`` (a
+temporary copy of the workspace per experiment), which this project supports beside Hydra sweeps.
+This cache is not a DVC replacement: it never invalidates, delete the folder to reclaim space.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -25,104 +33,97 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from bnn_core.errors import BnnError
-from pipeline import baselines, binarize, evaluate, finetune, pretrain
-from pipeline.artifacts import Artifacts, link_inputs
-from pipeline.config import CONF_DIR, flatten, validate
-from pipeline.files import fail
-from pipeline.stage import StageContext, StageFn, make_tracker, seed_everything
-from pipeline.tracking import project_root
+from pipeline.artifacts import Artifacts, link_artifacts
+from pipeline.config import CONF_DIR, Config, flatten, validate
+from pipeline.evaluate import log_evaluation
+from pipeline.files import fail, write_json
+from pipeline.sources import source_fingerprint
+from pipeline.stage import StageContext, make_tracker, run_stage
+from pipeline.stages import REPO_ROOT, STAGES, Stage, code_deps, producers
+from pipeline.tracking import StageTracker, project_root
+
+#: Code hash of each stage module, taken once per process: a sweep whose jobs run in this process keeps
+#: its keys even if the code is edited while it runs. A plain dict rather than functools.cache: joblib and
+#: submitit pickle this module's functions by value when it runs as ``__main__``; a cache wrapper does not
+#: survive that.
+_CODE_HASHES: dict[str, dict[str, str]] = {}
 
 
-@dataclass(frozen=True)
-class ChainStage:
-    """A stage of the chain: its function, the config sections it depends on (as in dvc.yaml's params),
-    and the stage whose outputs it reads (its cache key includes that stage's key)."""
-
-    name: str
-    run: StageFn
-    sections: tuple[str, ...]
-    after: str | None
+def code_hashes(module: str) -> dict[str, str]:
+    """sha256 of every file in ``module``'s code deps (relative path -> digest)."""
+    if module not in _CODE_HASHES:
+        _CODE_HASHES[module] = {
+            path: hashlib.sha256((REPO_ROOT / path).read_bytes()).hexdigest() for path in code_deps(module)
+        }
+    return _CODE_HASHES[module]
 
 
-STAGES = [
-    ChainStage("binarize", binarize.run, ("seed", "data"), None),
-    ChainStage("pretrain", pretrain.run, ("seed", "model", "pretrain"), "binarize"),
-    ChainStage("finetune", finetune.run, ("seed", "finetune"), "pretrain"),
-    ChainStage("evaluate", evaluate.run, ("evaluate",), "finetune"),
-    # Optional (chain.baselines): the real-valued rows of the paper's comparison. It reads only the
-    # binary features, so every job of a sparsity sweep shares it.
-    ChainStage("baselines", baselines.run, ("seed", "data", "model", "pretrain"), "binarize"),
-]
-CODE_DIRS = ("bnn_core", "pipeline")
-
-
-#: ``code_fingerprint()`` of this process. A plain dict rather than functools.cache: joblib and submitit
-#: pickle this module's functions by value when it runs as ``__main__``, and a cache wrapper does not survive.
-_FINGERPRINT: dict[str, str] = {}
-
-
-def code_fingerprint() -> str:
-    """Hash of the project's Python sources, taken once per process: a sweep whose jobs run in this
-    process keeps one key even if the code is edited while it runs."""
-    if "code" not in _FINGERPRINT:
-        _FINGERPRINT["code"] = _hash_sources()
-    return _FINGERPRINT["code"]
-
-
-def _hash_sources() -> str:
-    digest = hashlib.sha256()
-    package_root = Path(__file__).resolve().parents[1]
-    for folder in CODE_DIRS:
-        for path in sorted((package_root / folder).glob("*.py")):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def stage_key(name: str, cfg: DictConfig, sections: tuple[str, ...], upstream: str, code: str) -> str:
-    params = {
-        section: OmegaConf.to_container(cfg[section], resolve=True)
-        if isinstance(cfg[section], DictConfig)
-        else cfg[section]
-        for section in sections
+def key_inputs(stage: Stage, cfg: DictConfig, config: Config, upstream: dict[str, str]) -> dict:
+    """Everything the stage's key covers (written to ``.key.json`` beside its outputs)."""
+    params = {}
+    for name in stage.params:
+        value = OmegaConf.select(cfg, name, throw_on_missing=True)
+        params[name] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    inputs = {
+        "stage": stage.name,
+        "params": params,
+        "code": code_hashes(stage.module),
+        "upstream": {name: upstream[name] for name in sorted({producers()[a].name for a in stage.reads})},
     }
-    payload = json.dumps({"stage": name, "params": params, "upstream": upstream, "code": code}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    if "data" in stage.params:  # the stage loads the data source itself: key on the files' contents
+        inputs["data_source"] = source_fingerprint(config.data)
+    return inputs
+
+
+def stage_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_chain(cfg: DictConfig, job_dir: Path, cache_dir: Path) -> None:
     config = validate(cfg)
-    code = code_fingerprint()
+    written_by = producers()
     with make_tracker("pipeline", config) as tracker:
         tracker.log_params(flatten(cfg))
         keys: dict[str, str] = {}
-        done: list[Path] = []
+        stage_dirs: dict[str, Path] = {}
         for stage in STAGES:
-            if stage.name == "baselines" and not config.chain.baselines:
+            if stage.optional and not config.chain.baselines:
                 continue
-            upstream = keys[stage.after] if stage.after else ""
-            key = keys[stage.name] = stage_key(stage.name, cfg, stage.sections, upstream, code)
-            stage_dir = cache_dir / f"{stage.name}-{key}"
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            # Parallel jobs needing the same stage output: one computes it, the others wait and reuse it.
-            with (stage_dir / ".lock").open("w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if not (stage_dir / ".complete").exists():
-                    for earlier in done:
-                        link_inputs(Artifacts(earlier), Artifacts(stage_dir))
-                    seed_everything(config)
-                    stage.run(StageContext(stage.name, config, cfg, Artifacts(stage_dir), tracker))
-                    (stage_dir / ".complete").write_text(key + "\n")
-                else:
-                    print(f"{stage.name}: reusing {stage_dir}")
-            done.append(stage_dir)
-        for stage_dir in done:
+            inputs = key_inputs(stage, cfg, config, keys)
+            keys[stage.name] = stage_key(inputs)
+            stage_dir = stage_dirs[stage.name] = cache_dir / f"{stage.name}-{keys[stage.name]}"
+            sources = {artifact: stage_dirs[written_by[artifact].name] for artifact in stage.reads}
+            _run_cached(stage, stage_dir, inputs, config, tracker, sources)
+        for stage_dir in stage_dirs.values():
             _link_tree(stage_dir, job_dir)
-        evaluate.log_evaluation(tracker, json.loads((job_dir / "reports" / "metrics.json").read_text()))
+        log_evaluation(tracker, json.loads(Artifacts(job_dir).metrics.read_text()))
+
+
+def _run_cached(
+    stage: Stage, stage_dir: Path, inputs: dict, config: Config, tracker: StageTracker, sources: dict[str, Path]
+) -> None:
+    """Run ``stage`` into ``stage_dir`` unless an earlier job completed it there.
+
+    Parallel jobs needing the same stage output: one computes it under the folder's lock, the others
+    wait for the lock and reuse it. ``sources``: the cache folder holding each artifact the stage reads.
+    """
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    complete = stage_dir / ".key.json"  # written last: its presence marks a finished stage
+    with (stage_dir / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if complete.exists():
+            covered = ", ".join(inputs["params"])
+            print(f"{stage.name}: reusing {stage_dir} (same {covered}, code and inputs; see {complete.name})")
+            return
+        for artifact, source in sources.items():
+            link_artifacts(Artifacts(source), Artifacts(stage_dir), [artifact])
+        module = importlib.import_module(stage.module)
+        run_stage(module.run, StageContext(stage.name, config, Artifacts(stage_dir), tracker))
+        write_json(complete, inputs)
 
 
 def _link_tree(source: Path, dest: Path) -> None:
-    """Symlink every real (non-link, non-marker) file of ``source`` into the same place under ``dest``."""
+    """Symlink every real (non-link, non-hidden) file of ``source`` into the same place under ``dest``."""
     for path in source.rglob("*"):
         if path.is_file() and not path.is_symlink() and not path.name.startswith("."):
             target = dest / path.relative_to(source)
@@ -135,7 +136,7 @@ def _link_tree(source: Path, dest: Path) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         job_dir = Path(HydraConfig.get().runtime.output_dir)
-        run_chain(cfg, job_dir, project_root() / "outputs" / "stage_cache")
+        run_chain(cfg, job_dir, Artifacts(project_root()).stage_cache)
         print(f"pipeline: outputs in {job_dir}")
     except BnnError as err:
         fail("run", str(err))

@@ -9,10 +9,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
-from bnn_core.datasets import SourceData, load_idx_folder, load_mnist5k
+from bnn_core.datasets import SourceData, idx_folder_files, load_idx_folder, load_mnist5k, mnist5k_path
 from bnn_core.download import MNIST_MD5, MNIST_URL, fetch_verified
 from bnn_core.errors import DataError
 from pipeline.config import DataConfig
@@ -38,14 +39,14 @@ def load_mnist(data: DataConfig) -> SourceData:
     return load_idx_folder(folder, data.n_classes)
 
 
-def load_fashion_mnist(data: DataConfig) -> SourceData:
+def fashion_mnist_folder(data: DataConfig) -> Path:
     folder = Path(data.path or FASHION_MNIST_DEBIAN_DIR).expanduser()
     if not folder.is_dir():
         raise DataError(
             f"{folder}: Fashion-MNIST folder not found; install it with `apt-get install dataset-fashion-mnist` "
             "or pass `data.path=<folder with the four IDX files>`"
         )
-    return load_idx_folder(folder, data.n_classes)
+    return folder
 
 
 def load_source(data: DataConfig) -> SourceData:
@@ -56,5 +57,32 @@ def load_source(data: DataConfig) -> SourceData:
     if data.source == "mnist":
         return load_mnist(data)
     if data.source == "fashion_mnist":
-        return load_fashion_mnist(data)
+        return load_idx_folder(fashion_mnist_folder(data), data.n_classes)
     raise AssertionError(f"unvalidated data.source {data.source!r}")
+
+
+def source_fingerprint(data: DataConfig) -> dict[str, str]:
+    """What :func:`load_source` will read, by content: file path -> sha256 for the files it opens.
+
+    ``mnist`` is the exception: it downloads later and accepts only files with the MD5s of
+    :data:`bnn_core.download.MNIST_MD5`, so those checksums already pin its contents.
+    """
+    if data.source == "mnist":
+        return {f"mnist/{name}": f"md5:{md5}" for name, md5 in MNIST_MD5.items()}
+    if data.source == "mnist5k":
+        files = [mnist5k_path()]
+    else:
+        folder = fashion_mnist_folder(data) if data.source == "fashion_mnist" else Path(data.path or "")
+        files = list(idx_folder_files(folder).values())
+    return {str(path): _sha256(path) for path in files}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    return digest.hexdigest()

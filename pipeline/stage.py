@@ -4,7 +4,7 @@ A stage is a function ``run(ctx) -> None``; ``main = stage_main("name", run)`` m
 Run by hand it composes ``conf/`` (``python -m pipeline.finetune finetune.sparsity=0.5``); DVC runs it
 on the composed ``params.yaml`` (``--config-dir . --config-name params``), which is what
 ``dvc exp run -S`` edits. In a Hydra multirun (``-m``) each job writes into its own output folder and
-reads the outputs of earlier stages from the project (see :func:`link_inputs`).
+reads the outputs of earlier stages from the project (the artifacts the stage table says it reads).
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from bnn_core.errors import BnnError, ConfigError
-from pipeline.artifacts import Artifacts, link_inputs
+from pipeline.artifacts import Artifacts, link_artifacts
 from pipeline.config import CONF_DIR, Config, flatten, validate
 from pipeline.files import fail
+from pipeline.stages import stage
 from pipeline.tracking import StageTracker, project_root
 
 StageFn = Callable[["StageContext"], None]
@@ -33,19 +35,19 @@ StageFn = Callable[["StageContext"], None]
 class StageContext:
     name: str
     config: Config
-    raw_config: DictConfig
     artifacts: Artifacts
     tracker: StageTracker
 
     def trainer(self, epochs: int, callbacks: list[L.Callback]) -> L.Trainer:
-        """One device; ``deterministic=True`` (on CUDA Lightning also sets ``CUBLAS_WORKSPACE_CONFIG``)."""
+        """One device; ``deterministic=True`` (on CUDA Lightning also sets ``CUBLAS_WORKSPACE_CONFIG``).
+        Checkpointing is on only when ``callbacks`` hold a ModelCheckpoint (Lightning refuses it otherwise)."""
         try:
             return L.Trainer(
                 max_epochs=epochs,
                 accelerator=self.config.trainer.accelerator,
                 devices=1,
                 logger=False,
-                enable_checkpointing=False,
+                enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                 enable_model_summary=False,
                 enable_progress_bar=self.config.trainer.progress_bar,
                 deterministic=True,
@@ -77,6 +79,12 @@ def seed_everything(config: Config) -> None:
     L.seed_everything(config.seed, workers=True, verbose=False)
 
 
+def run_stage(run: StageFn, ctx: StageContext) -> None:
+    """Run a stage from a freshly seeded state (by hand, under DVC, or inside ``pipeline.run``)."""
+    seed_everything(ctx.config)
+    run(ctx)
+
+
 def stage_main(name: str, run: StageFn) -> Callable[[], None]:
     """The Hydra command line of one stage."""
 
@@ -87,11 +95,10 @@ def stage_main(name: str, run: StageFn) -> Callable[[], None]:
             root = Path.cwd()
             if is_multirun_job():
                 root = Path(HydraConfig.get().runtime.output_dir)
-                link_inputs(Artifacts(project_root()), Artifacts(root))
-            seed_everything(config)
+                link_artifacts(Artifacts(project_root()), Artifacts(root), list(stage(name).reads))
             with make_tracker(name, config) as tracker:
                 tracker.log_params(flatten(cfg))
-                run(StageContext(name, config, cfg, Artifacts(root), tracker))
+                run_stage(run, StageContext(name, config, Artifacts(root), tracker))
         except BnnError as err:
             fail(name, str(err))
 

@@ -240,11 +240,6 @@ class StageTracker:
 
         self._guard("log an artifact", mlflow.log_artifact, str(path), folder)
 
-    def log_text(self, text: str, name: str) -> None:
-        import mlflow
-
-        self._guard("log an artifact", mlflow.log_text, text, name)
-
 
 class EpochHistory(L.Callback):
     """Collects the epoch-level metrics of a training round and logs them to the tracker, step = epoch.

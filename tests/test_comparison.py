@@ -44,7 +44,7 @@ def fake_job(folder: Path, sparsity: float, bnn_accuracy: float, overrides: list
     )
     binary_macs = int(REAL_MACS * (1 - sparsity))
     metrics = {
-        "real": {"test_accuracy": 0.91, "macs_per_example": REAL_MACS, "weight_bits": REAL_BITS},
+        "compressed": {"test_accuracy": 0.91, "macs_per_example": REAL_MACS, "weight_bits": REAL_BITS},
         "bnn": {
             "test_accuracy": bnn_accuracy,
             "binary_macs_per_example": binary_macs,

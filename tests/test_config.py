@@ -82,7 +82,7 @@ def stage_context(overrides: list[str]):
     from pipeline.stage import StageContext
 
     cfg = composed(overrides)
-    return StageContext("pretrain", validate(cfg), cfg, None, None)  # type: ignore[arg-type]
+    return StageContext("pretrain", validate(cfg), None, None)  # type: ignore[arg-type]
 
 
 def test_accelerator_auto_picks_a_gpu_when_there_is_one():

@@ -129,7 +129,7 @@ sys.argv = ["pretrain", *sys.argv[3:]]
 pretrain.main()
 """
 # Run as `python -c KILLED_WHILE_SAVING <overrides...>`: pretrain is killed (SIGKILL) halfway through writing
-# its checkpoint.
+# its checkpoint (models/pretrained.pt; Lightning's own checkpoints during training are saved as usual).
 KILLED_WHILE_SAVING = """
 import os
 import signal
@@ -137,7 +137,11 @@ import sys
 import torch
 from pipeline import pretrain
 
+torch_save = torch.save
+
 def save(obj, handle, *args, **kwargs):
+    if ".pretrained.pt." not in str(getattr(handle, "name", handle)):
+        return torch_save(obj, handle, *args, **kwargs)
     handle.write(b"PK\\x03\\x04 the first half of a checkpoint")
     handle.flush()
     os.kill(os.getpid(), signal.SIGKILL)
@@ -286,11 +290,10 @@ def test_repro_after_sigkill_midway_gives_the_uninterrupted_result(project_copy,
         assert (project_copy / name).read_bytes() == (reference / name).read_bytes(), f"{name} differs"
     for name in ("data", "models", "reports"):
         assert not [f for f in files_under(project_copy, name) if TMP_NAME.match(Path(f).name)]
-    metrics, expected = (json.loads((p / "reports" / "metrics.json").read_text()) for p in (project_copy, reference))
-    for model in ("bnn", "real"):
-        assert metrics[model]["test_accuracy"] == expected[model]["test_accuracy"]
-    assert metrics["bnn"]["agreement"] == expected["bnn"]["agreement"] == 1.0
-    assert metrics["bnn"]["test_accuracy"] > 0.5  # a trained model, not a degenerate one
+    # metrics.json holds no wall-clock figures, so a resumed run reproduces it to the byte.
+    metrics, expected = ((p / "reports" / "metrics.json").read_text() for p in (project_copy, reference))
+    assert metrics == expected
+    assert json.loads(metrics)["bnn"]["test_accuracy"] > 0.5  # a trained model, not a degenerate one
 
 
 # -- 3. Unreachable tracking server ---------------------------------------------------------------------------
@@ -306,8 +309,7 @@ def test_unreachable_tracking_server_warns_once_per_stage_and_the_pipeline_compl
     for name, output in per_stage.items():
         assert output.count(f"MLflow tracking at {uri} failed") == 1, f"{name}:\n{output}"
         assert len(re.findall(r"Warning: .*MLflow", output)) == 1, f"{name}:\n{output}"
-    metrics = json.loads((project / "reports" / "metrics.json").read_text())
-    assert metrics["bnn"]["agreement"] == 1.0
+    assert json.loads((project / "reports" / "metrics.json").read_text())["bnn"]["test_accuracy"] > 0
     for name in ("report.md", "baselines.json", "pretrain_history.csv", "finetune_history.csv", "tradeoff.png"):
         assert (project / "reports" / name).stat().st_size > 0, name
     assert not (project / "mlflow.db").exists()

@@ -110,7 +110,8 @@ def test_pixel_count_mismatch_is_one_error_line(tmp_path, files):
 
 
 def in_process(tmp_path: Path, monkeypatch, **keys: str | None) -> None:
-    from pipeline.predict import PredictConfig, predict
+    from pipeline.config import PredictConfig
+    from pipeline.predict import predict
 
     monkeypatch.chdir(tmp_path)
     predict(PredictConfig(**{"model_file": "models/bnn.npz", **keys}))

@@ -33,7 +33,6 @@ DOCUMENTED_METRICS = (
     "cost/binary_macs",
     "cost/weight_bits",
     "cost/macs_ratio",
-    "speed/speedup_vs_float",
 )
 #: Smoke network 784-64-64-10 without zero weights: one binary MAC per weight and bias.
 SMOKE_BINARY_MACS = 64 * 785 + 64 * 65 + 10 * 65
@@ -165,7 +164,6 @@ def check_documented_metrics(run: dict, binary_macs: int | None) -> None:
     assert 0 < metrics["test/accuracy"] <= 1
     assert metrics["test/error"] == pytest.approx(1 - metrics["test/accuracy"])
     assert metrics["cost/weight_bits"] > 0 and metrics["cost/macs_ratio"] >= 1
-    assert metrics["speed/speedup_vs_float"] > 0
     if binary_macs is not None:
         assert metrics["cost/binary_macs"] == binary_macs
     else:
@@ -190,7 +188,7 @@ def test_dvc_repro_stages_are_children_of_its_parent_run(runs):
         assert child["params"]["model.hidden"] == "[64, 64]"
     (evaluate,) = (r for r in children if r["tags"]["stage"] == "evaluate")
     check_documented_metrics(evaluate, SMOKE_BINARY_MACS)
-    assert evaluate["metrics"]["test/agreement"] == 1.0
+    assert evaluate["metrics"]["speed/speedup_vs_float"] > 0  # measured by the stage, logged to MLflow only
 
 
 def test_sweep_jobs_are_children_of_the_sweep_run(runs):

@@ -1,0 +1,103 @@
+"""In-process stages on a tiny configuration: training learns, and evaluate's three-engine check fires.
+
+The evaluate stage finishes only when the numpy packed engine and the exported model file (fast kernel,
+raw pixels) give the torch simulation's integer scores on every test example. That agreement is not a
+metric to assert on (it holds by construction); what needs testing is that the check refuses a model
+when one engine is made to disagree, and leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bnn_core.bitwise_model import BitwiseModel
+from bnn_core.errors import BnnError
+from bnn_core.packed import PackedNetwork
+from pipeline.artifacts import Artifacts
+from pipeline.config import Config, validate
+from pipeline.stage import StageContext, make_tracker, run_stage
+from tests.test_config import composed
+
+N_CLASSES = 10
+
+
+def run_in_process(name: str, config: Config, root: Path) -> None:
+    module = importlib.import_module(f"pipeline.{name}")
+    with make_tracker(name, config) as tracker:
+        run_stage(module.run, StageContext(name, config, Artifacts(root), tracker))
+
+
+def tiny_config(root: Path, *overrides: str) -> Config:
+    """The smoke network (784-64-64-10), 2 epochs a round, on the mnist5k digits; MLflow in ``root``."""
+    return validate(
+        composed(
+            [
+                "experiment=smoke",
+                "pretrain.epochs=2",
+                "finetune.epochs=2",
+                f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+                *overrides,
+            ]
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Path]:
+    root = tmp_path_factory.mktemp("chain")
+    config = tiny_config(root)
+    for name in ("binarize", "pretrain", "finetune"):
+        run_in_process(name, config, root)
+    return config, root
+
+
+def test_round_two_learns_far_above_chance(trained):
+    config, root = trained
+    run_in_process("evaluate", config, root)
+    metrics = json.loads(Artifacts(root).metrics.read_text())
+    # 10 balanced classes: chance is 0.10. Two short rounds of the smoke network reach ~0.85 here.
+    assert metrics["bnn"]["test_accuracy"] > 0.6
+    assert metrics["compressed"]["test_accuracy"] > 0.6
+    history = Artifacts(root).finetune_history.read_text().splitlines()
+    assert len(history) == 1 + config.finetune.epochs
+
+
+def off_by_one_on_the_first_example(forward_counts):
+    def disagreeing(self, *args, **kwargs):
+        counts = np.array(forward_counts(self, *args, **kwargs))
+        counts[0, 0] += 1
+        return counts
+
+    return disagreeing
+
+
+@pytest.mark.parametrize(
+    ("engine", "method", "message"),
+    [
+        (PackedNetwork, "forward_counts", "the numpy packed engine and the torch simulation disagree on 1 of"),
+        (BitwiseModel, "forward_counts", "the exported model file (fast kernel, raw pixels) and the torch simulation"),
+    ],
+    ids=["numpy-packed", "exported-file"],
+)
+def test_evaluate_refuses_and_writes_nothing_when_an_engine_disagrees(
+    trained, tmp_path, monkeypatch, engine, method, message
+):
+    config, root = trained
+    work = Artifacts(tmp_path)
+    for name in ("features", "input_encoder", "pretrained", "finetuned"):
+        work.path(name).parent.mkdir(parents=True, exist_ok=True)
+        work.path(name).symlink_to(Artifacts(root).path(name))
+    monkeypatch.setattr(engine, method, off_by_one_on_the_first_example(getattr(engine, method)))
+
+    with pytest.raises(BnnError, match="disagree on 1 of") as refused:
+        run_in_process("evaluate", config, tmp_path)
+
+    assert message in str(refused.value)
+    for name in ("bnn_model", "metrics", "cost_table"):
+        assert not work.path(name).exists(), name
+    assert not list(work.bnn_model.parent.glob(".bnn.npz.*")), "a staged model file was left behind"
