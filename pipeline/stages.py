@@ -61,6 +61,7 @@ class Stage:
     ``params``: the config keys (sections or dotted keys) that decide its outputs, beyond its inputs.
     ``reads``: artifacts of earlier stages it reads. ``writes``: its outputs. ``optional``: in
     ``pipeline.run`` it runs only when ``chain.baselines`` is set (``dvc repro`` always runs it).
+    ``description``: one line, DVC's ``desc`` (``dvc stage list`` shows it).
     """
 
     name: str
@@ -229,9 +230,10 @@ DVC_YAML_HEADER = """\
 
 
 def dvc_stage(entry: Stage) -> dict[str, Any]:
-    """One stage of ``dvc.yaml``: cmd, deps (artifacts read, then code), params, outs, metrics, plots."""
+    """One stage of ``dvc.yaml``: desc, cmd, deps (artifacts read, then code), params, outs, metrics, plots."""
     paths = Artifacts(Path())
     spec: dict[str, Any] = {
+        "desc": entry.description,
         "cmd": f"python -m {entry.module} ${{hydra_args}}",
         "deps": [paths.relative(name) for name in entry.reads] + code_deps(entry.module),
         "params": list(entry.params),
