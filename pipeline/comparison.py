@@ -9,7 +9,7 @@ the input was made: ``pixels``, ``threshold``, ``lloyd_max_<bits>``), ``sparsity
 
 Cost convention (README, "Cost accounting"): real-valued networks do 32-bit MACs, counted as
 32 x 32 = 1024 bit operations each (QONNX BOPs); the bitwise network does one XNOR-popcount bit
-operation per nonzero weight and per bias.
+operation per nonzero weight and per bias (where this departs from QONNX's tool: docs/method.md, section 7).
 
 ``experiment=paper_table1`` sweeps ``finetune.sparsity`` with the baselines stage added to every job;
 when the sweep ends, :class:`Table1Writer` collects the jobs' outputs into ``reports/<data>/table1.json``
