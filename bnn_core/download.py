@@ -39,8 +39,9 @@ MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 _CHUNK = 1 << 16
 
 
-def file_md5(path: str | Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
+def file_digest(path: str | Path, algorithm: str) -> str:
+    """Hex digest of a file's bytes with a ``hashlib`` algorithm, read in chunks (data files can be large)."""
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             digest.update(chunk)
@@ -67,7 +68,7 @@ def fetch_verified(
         raise DataError(f"{dest}: cannot create the download cache folder ({err}){suffix}") from None
     for name, md5 in md5s.items():
         final = dest / name
-        if final.is_file() and file_md5(final) == md5.lower():
+        if final.is_file() and file_digest(final, "md5") == md5.lower():
             continue
         _download(file_url(base_url, name), final, md5.lower(), timeout, suffix)
     return dest

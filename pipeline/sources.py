@@ -9,12 +9,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from bnn_core.datasets import SourceData, idx_folder_files, load_idx_folder, load_mnist5k, mnist5k_path
-from bnn_core.download import MNIST_MD5, MNIST_URL, fetch_verified
+from bnn_core.download import MNIST_MD5, MNIST_URL, fetch_verified, file_digest
 from bnn_core.errors import DataError
 from pipeline.config import DataConfig
 
@@ -78,11 +77,7 @@ def source_fingerprint(data: DataConfig) -> dict[str, str]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     try:
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        return file_digest(path, "sha256")
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
-    return digest.hexdigest()
