@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -55,10 +55,21 @@ class SplitConfig:
     val: int = 500
     test: int | None = 500
     seed: int = 0
+    # k-fold cross-validation (sources without their own test set): fold ``fold`` of ``folds`` stratified
+    # folds is the test split, validation is held out of the rest. null: one seeded hold-out split.
+    folds: int | None = None
+    fold: int = 0
 
     def __post_init__(self) -> None:
         _require(self.val >= 1, "data.split.val", "must be >= 1", self.val)
         _require(self.test is None or self.test >= 1, "data.split.test", "must be >= 1 or null", self.test)
+        _require(self.folds is None or self.folds >= 2, "data.split.folds", "must be >= 2 or null", self.folds)
+        _require(
+            self.fold >= 0 and (self.folds is None or self.fold < self.folds),
+            "data.split.fold",
+            "must be in 0..folds-1",
+            self.fold,
+        )
 
 
 @dataclass
@@ -91,18 +102,64 @@ class DataConfig:
         _require(2 <= self.n_classes <= 256, "data.n_classes", "must be in 2..256", self.n_classes)
 
 
+#: Normalization after each hidden layer: ``none`` is the paper's network (a binary bias per unit);
+#: ``batchnorm`` is the integer-threshold network ``bnn_bn`` (batch norm, folded at export into one
+#: integer threshold per unit).
+NORMS = ("none", "batchnorm")
+
+
 @dataclass
 class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [1024, 1024, 1024])
+    norm: str = "none"
     dropout_input: float = 0.2
-    dropout_hidden: float = 0.5
+    # one rate for every hidden layer, or a list with one rate per hidden layer
+    dropout_hidden: Any = 0.5
 
     def __post_init__(self) -> None:
         _require(len(self.hidden) >= 1, "model.hidden", "needs at least one hidden layer", self.hidden)
         _require(all(h > 0 for h in self.hidden), "model.hidden", "sizes must be > 0", self.hidden)
-        for key in ("dropout_input", "dropout_hidden"):
-            value = getattr(self, key)
-            _require(0.0 <= value < 1.0, f"model.{key}", "must be in [0, 1)", value)
+        _require(self.norm in NORMS, "model.norm", f"must be one of {NORMS}", self.norm)
+        _require(_is_rate(self.dropout_input), "model.dropout_input", "must be in [0, 1)", self.dropout_input)
+        rates = self.dropout_hidden if isinstance(self.dropout_hidden, list | tuple) else [self.dropout_hidden]
+        _require(
+            all(_is_rate(rate) for rate in rates)
+            and (len(rates) == 1 or len(rates) == len(self.hidden)),
+            "model.dropout_hidden",
+            f"must be a rate in [0, 1) or a list of {len(self.hidden)} rates (one per hidden layer)",
+            self.dropout_hidden,
+        )
+        self.dropout_hidden = [float(rate) for rate in rates] if len(rates) > 1 else float(rates[0])
+
+    @property
+    def network(self) -> str:
+        """The bitwise network's name in reports: ``bnn`` (the paper's) or ``bnn_bn`` (integer thresholds)."""
+        return "bnn_bn" if self.norm == "batchnorm" else "bnn"
+
+    def hidden_dropout_rates(self) -> list[float]:
+        """One dropout rate per hidden layer."""
+        rates = self.dropout_hidden
+        return list(rates) if isinstance(rates, list) else [rates] * len(self.hidden)
+
+
+def _is_rate(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value < 1.0
+
+
+@dataclass
+class AugmentConfig:
+    """Training-set augmentation, applied to raw pixels before binarization, fresh and seeded each epoch."""
+
+    shift: int = 0  # largest random shift in pixels, each axis; 0 = off
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.shift <= 4, "augment.shift", "must be in 0..4 pixels", self.shift)
+
+
+#: Learning-rate schedules over a round's epochs (bnn_core.lightning_modules.make_scheduler).
+SCHEDULES = ("constant", "cosine", "onecycle", "step")
+#: Training losses on the class scores (bnn_core.lightning_modules.LOSSES).
+LOSSES = ("cross_entropy", "squared_hinge")
 
 
 @dataclass
@@ -111,8 +168,21 @@ class OptimConfig:
     batch_size: int = 100
     lr: float = 1e-3
     weight_decay: float = 0.0
+    schedule: str = "cosine"
+    loss: str = "cross_entropy"
+    # wall-clock budget: stop after this many minutes even if epochs remain (null: epochs only). A time
+    # budget makes the result depend on the machine's speed; the epoch budget is reproducible.
+    max_minutes: float | None = None
 
     def check(self, stage: str) -> None:
+        _require(self.schedule in SCHEDULES, f"{stage}.schedule", f"must be one of {SCHEDULES}", self.schedule)
+        _require(self.loss in LOSSES, f"{stage}.loss", f"must be one of {LOSSES}", self.loss)
+        _require(
+            self.max_minutes is None or (math.isfinite(self.max_minutes) and self.max_minutes > 0),
+            f"{stage}.max_minutes",
+            "must be > 0 or null",
+            self.max_minutes,
+        )
         _require(self.epochs >= 1, f"{stage}.epochs", "must be >= 1", self.epochs)
         _require(self.batch_size >= 1, f"{stage}.batch_size", "must be >= 1", self.batch_size)
         _require(math.isfinite(self.lr) and self.lr > 0, f"{stage}.lr", "must be finite and > 0", self.lr)
@@ -186,6 +256,7 @@ class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -94,31 +94,31 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "pretrain",
-        params=(*_TRAINING, "data.n_classes", "model", "pretrain"),
-        reads=("features",),
+        params=(*_TRAINING, "data.n_classes", "model", "augment", "pretrain"),
+        reads=("features", "input_encoder"),
         writes=(Output("pretrained"), Output("pretrain_history", cache=False, plot=_CURVE)),
         description="round 1: the tanh-compressed real-valued network",
     ),
     Stage(
         "finetune",
         # model.hidden and data.n_classes shape the network when finetune.init=random.
-        params=(*_TRAINING, "data.n_classes", "model.hidden", "finetune"),
-        reads=("features", "pretrained"),
+        params=(*_TRAINING, "data.n_classes", "model.hidden", "model.norm", "augment", "finetune"),
+        reads=("features", "input_encoder", "pretrained"),
         writes=(Output("finetuned"), Output("finetune_history", cache=False, plot=_CURVE)),
         description="round 2: noisy backpropagation of the bitwise network",
     ),
     Stage(
         "evaluate",
         # data.source, finetune.sparsity and finetune.grad go into the model file's metadata.
-        params=("evaluate", "data.source", "finetune.sparsity", "finetune.grad"),
+        params=("evaluate", "data.source", "model.norm", "finetune.sparsity", "finetune.grad"),
         reads=("features", "input_encoder", "pretrained", "finetuned"),
         writes=(Output("bnn_model"), Output("cost_table", cache=False), Output("metrics", cache=False, metric=True)),
         description="test accuracy, cost, and the exported model file (three engines must agree)",
     ),
     Stage(
         "baselines",
-        params=(*_TRAINING, "data", "model", "pretrain"),
-        reads=("features",),
+        params=(*_TRAINING, "data", "model", "augment", "pretrain"),
+        reads=("features", "input_encoder"),
         writes=(Output("baselines", cache=False),),
         optional=True,
         description="the real-valued rows of the paper's comparison, trained like round 1",
