@@ -7,6 +7,12 @@ integer scores are checked against the fast kernel's before any timing. Paths: t
 float32 numpy (bnn_core.speed.Float32Network) and torch. Timing: bnn_core.speed.time_calls. Writes
 ``reports/bench.json``.
 
+Integer thresholds (a network with batch norm folded in, ``bnn_bn``): the same weights with random integer
+constants ``|c| <= n_in + 1`` instead of +-1 biases, checked against the numpy engine and a plain integer
+matmul, then timed side by side with the +-1 network (fused kernel, library threads and 1 thread); the
+report prints the ratio of their times (``threshold_vs_binary_bias`` in bench.json). The constant only
+changes the per-unit offset the kernel adds once per unit, so the ratio should be 1 within noise.
+
     python benchmarks/bench_inference.py [--quick]
 
 The float baseline gets its best chance: this machine sets OPENBLAS_CORETYPE=Haswell and
@@ -67,6 +73,8 @@ except ImportError:  # the float baseline then is numpy alone
 ROOT = Path(__file__).resolve().parents[1]
 FUSED = "fast kernel (fused network)"
 FUSED_1 = "fast kernel (fused network, 1 thread)"
+BINARY_BIAS = "+-1 biases"
+THRESHOLDS = "integer thresholds"
 PACKED = "numpy packed bits"
 SIZES = (784, 1024, 1024, 1024, 10)
 VECTOR_BITS = 512
@@ -85,6 +93,14 @@ def random_ternary_layers(rng: np.random.Generator, zero_fraction: float) -> lis
             w = w * (rng.random((n_out, n_in)) >= zero_fraction).astype(np.int8)
         layers.append((w, rng.choice(np.array([-1, 1], dtype=np.int8), n_out)))
     return layers
+
+
+def with_integer_thresholds(
+    rng: np.random.Generator, layers: list[tuple[np.ndarray, np.ndarray]]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The same weights with random integer constants over the whole reachable range ``|c| <= n_in + 1``
+    (what a network with batch norm folded into thresholds exports), int32."""
+    return [(w, rng.integers(-(w.shape[1] + 1), w.shape[1] + 2, w.shape[0]).astype(np.int32)) for w, _ in layers]
 
 
 def model_bytes(layers) -> dict[str, int]:
@@ -355,6 +371,9 @@ class Networks:
     fast: K.KernelNetwork
     floats: Float32Network
     torch_floats: TorchFloat32Network | None
+    threshold_layers: list[tuple[np.ndarray, np.ndarray]]  # ``layers``' weights, integer constants
+    threshold_packed: PackedNetwork
+    threshold_fast: K.KernelNetwork
 
     def fast_per_layer(self, x_bits: np.ndarray) -> np.ndarray:
         """The fast kernel one layer call at a time (packed bits between calls), not fused."""
@@ -379,7 +398,19 @@ def build_networks(rng: np.random.Generator) -> Networks:
     packed = PackedNetwork.from_ternary(layers)
     floats = Float32Network(layers)
     torch_floats = TorchFloat32Network(floats) if torch is not None else None
-    return Networks(layers, sparse_layers, packed, K.KernelNetwork.from_packed(packed), floats, torch_floats)
+    threshold_layers = with_integer_thresholds(rng, layers)
+    threshold_packed = PackedNetwork.from_ternary(threshold_layers)
+    return Networks(
+        layers,
+        sparse_layers,
+        packed,
+        K.KernelNetwork.from_packed(packed),
+        floats,
+        torch_floats,
+        threshold_layers,
+        threshold_packed,
+        K.KernelNetwork.from_packed(threshold_packed),
+    )
 
 
 @dataclass(frozen=True)
@@ -416,6 +447,52 @@ def check_same_scores(nets: Networks, batch: Batch) -> None:
     for name, scores in checks.items():
         if not np.array_equal(np.asarray(scores).astype(np.int64), reference.astype(np.int64)):
             raise SystemExit(f"{name} scores differ from the fast kernel's at batch {batch.n}")
+
+
+def integer_reference(layers: list[tuple[np.ndarray, np.ndarray]], x_bits: np.ndarray) -> np.ndarray:
+    """Plain integer matmuls: ``a = W z + c``, hidden ``z = +1 iff a >= 0``; the scores of the last layer."""
+    z = np.where(x_bits, 1, -1).astype(np.int64)
+    for i, (w, c) in enumerate(layers):
+        a = z @ w.T.astype(np.int64) + c.astype(np.int64)
+        z = np.where(a >= 0, 1, -1) if i < len(layers) - 1 else a
+    return z
+
+
+def check_thresholds(nets: Networks, batch: Batch, rows: int = 500) -> None:
+    """The threshold network's fast-kernel scores must equal the numpy engine's and a plain integer matmul's
+    (on the first ``rows`` rows: the references are slow)."""
+    x = batch.x_bits[:rows]
+    fast = nets.threshold_fast.forward_counts(x)
+    for name, scores in (
+        ("numpy packed", nets.threshold_packed.forward_counts(x)),
+        ("integer matmul", integer_reference(nets.threshold_layers, x)),
+    ):
+        if not np.array_equal(scores.astype(np.int64), fast.astype(np.int64)):
+            raise SystemExit(f"integer thresholds: {name} scores differ from the fast kernel's at batch {batch.n}")
+
+
+def time_thresholds(nets: Networks, batch: Batch, calls: int, cycles: int) -> dict:
+    """The fused kernel on the same weights with +-1 biases and with integer thresholds, timed side by side
+    (interleaved in every cycle): median seconds per call and the ratio thresholds / +-1 biases, with the
+    library's threads (wall clock) and on 1 thread (wall clock and thread CPU time)."""
+    x = batch.x_bits
+    paths: Paths = {
+        BINARY_BIAS: (lambda: nets.fast.forward_counts(x), None),
+        THRESHOLDS: (lambda: nets.threshold_fast.forward_counts(x), None),
+        f"{BINARY_BIAS}, 1 thread": (lambda: nets.fast.forward_counts(x), 1),
+        f"{THRESHOLDS}, 1 thread": (lambda: nets.threshold_fast.forward_counts(x), 1),
+    }
+    times = time_paths(paths, calls, cycles)
+    one = ", 1 thread"
+    return {
+        "binary_bias_s": times[BINARY_BIAS][0],
+        "thresholds_s": times[THRESHOLDS][0],
+        "ratio": times[THRESHOLDS][0] / times[BINARY_BIAS][0],
+        "binary_bias_1_thread_s": times[BINARY_BIAS + one][0],
+        "thresholds_1_thread_s": times[THRESHOLDS + one][0],
+        "ratio_1_thread": times[THRESHOLDS + one][0] / times[BINARY_BIAS + one][0],
+        "ratio_1_thread_cpu": times[THRESHOLDS + one][1] / times[BINARY_BIAS + one][1],
+    }
 
 
 def timed_paths(nets: Networks, batch: Batch, cores: int) -> Paths:
@@ -501,6 +578,8 @@ def model_size_results(nets: Networks) -> dict:
         "ratio": full_bytes["float32"] / full_bytes["bitwise"],
         "bitwise_sparse": sparse_bytes["bitwise"],
         "ratio_sparse": sparse_bytes["float32"] / sparse_bytes["bitwise"],
+        # Same weights, integer thresholds: k = bit_length(2 n_in + 2) bits per unit instead of 1.
+        "bitwise_thresholds": model_bytes(nets.threshold_layers)["bitwise"],
     }
 
 
@@ -546,8 +625,16 @@ def print_report(results: dict, table: list[list], cores: int) -> None:
     mb = results["model_bytes"]
     print(
         f"model bytes: float32 {mb['float32']:,}  bitwise {mb['bitwise']:,} ({mb['ratio']:.1f}x smaller)  "
-        f"50%-sparse bitwise {mb['bitwise_sparse']:,} ({mb['ratio_sparse']:.1f}x)"
+        f"50%-sparse bitwise {mb['bitwise_sparse']:,} ({mb['ratio_sparse']:.1f}x)  "
+        f"integer thresholds {mb['bitwise_thresholds']:,}"
     )
+    for n in (1, 10_000):
+        t = results["threshold_vs_binary_bias"][f"batch_{n}"]
+        print(
+            f"integer thresholds vs +-1 biases (fused kernel, same weights), batch {n}: "
+            f"{t['thresholds_s'] * 1e3:.4f} ms vs {t['binary_bias_s'] * 1e3:.4f} ms = ratio {t['ratio']:.3f}; "
+            f"1 thread {t['ratio_1_thread']:.3f} (CPU time {t['ratio_1_thread_cpu']:.3f})"
+        )
     peak = results["binary_peak"]
     achieved = results["batch_10000"]["bitwise_bitops_per_s"]
     per_core = results["batch_10000"]["single_thread_cpu"]["bitwise_bitops_per_s"]
@@ -592,15 +679,18 @@ def main() -> None:
     nets = build_networks(rng)
     cores = os.cpu_count() or 1
 
-    results: dict = {}
+    results: dict = {"threshold_vs_binary_bias": {}}
     table: list[list] = []
     plan = ((1, 50, 2), (10_000, 1, 2)) if args.quick else ((1, 100, 3), (10_000, 2, 3))  # batch, calls, cycles
     for n, calls, cycles in plan:
         batch = make_batch(rng, n)
         check_same_scores(nets, batch)
+        check_thresholds(nets, batch)
         times = time_batch(nets, batch, calls, cycles, args.quick, cores)
         results[f"batch_{n}"] = summarize_batch(n, times, calls * cycles)
         table += table_rows(n, times, results[f"batch_{n}"]["float_s"])
+        # More cycles than the main table: the ratio of two near-equal times needs a steadier median.
+        results["threshold_vs_binary_bias"][f"batch_{n}"] = time_thresholds(nets, batch, calls, 2 * cycles + 1)
     results["model_bytes"] = model_size_results(nets)
     results.update(machine_results(results, cores, load_before, args.quick))
 

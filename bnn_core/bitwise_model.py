@@ -7,6 +7,10 @@ plus a :class:`~bnn_core.packed.PackedNetwork` and free JSON metadata. For pixel
     counts = network.forward_counts(x)            # int32 [n, n_classes]; hidden units output a >= 0
     classes = argmax(counts), ties to the lowest index
 
+where every layer computes ``a = W z + c`` with ``W`` ternary and ``c`` one integer per unit: the paper's
+binary bias in {-1, +1}, or ``-threshold`` of a network whose batch norm was folded into thresholds, with
+``|c| <= n_in + 1`` (:func:`bnn_core.packed.bias_bound`: beyond that a hidden unit's output is constant).
+
 computed by the fast kernel (:mod:`bnn_core.kernels`, built on first use). The model checks itself when
 built (:func:`layer_problem`), so a model that exists can be run and saved. Saving and loading live in
 :mod:`bnn_core.model_file`, which this module does not need.
@@ -23,7 +27,7 @@ import numpy as np
 
 from bnn_core.errors import DataError
 from bnn_core.input_encoders import LloydMaxEncoder, ThresholdEncoder
-from bnn_core.packed import PackedNetwork
+from bnn_core.packed import MAX_N_IN, PackedNetwork, bias_problem
 
 if TYPE_CHECKING:
     from bnn_core.kernels import KernelNetwork
@@ -82,8 +86,15 @@ class BitwiseModel:
         if problem:
             raise ValueError(problem)
         for i, layer in enumerate(layers):
-            if not np.isin(layer.bias, (-1, 1)).all():
-                raise ValueError(f"layer {i}: biases must be -1 or +1")
+            if layer.n_in > MAX_N_IN:
+                raise ValueError(f"layer {i}: at most {MAX_N_IN} inputs, got {layer.n_in}")
+            # Integer dtype required here (from_ternary and the loader give int32): a float vector would
+            # reach the engines, which add it as an integer offset.
+            problem = bias_problem(layer.bias, layer.n_in)
+            if problem is None and not np.issubdtype(layer.bias.dtype, np.integer):
+                problem = f"biases must have an integer dtype, got {layer.bias.dtype}"
+            if problem:
+                raise ValueError(f"layer {i}: {problem}")
         if not isinstance(self.metadata, dict) or not _is_plain_json(self.metadata):
             raise ValueError("metadata must be a JSON object (str keys; lists, numbers, strings, bools, null)")
 
@@ -94,13 +105,17 @@ class BitwiseModel:
         layers: list[tuple[np.ndarray, np.ndarray]],
         metadata: dict[str, Any] | None = None,
     ) -> BitwiseModel:
-        """From ternary ``W int8 [n_out, n_in]`` in {-1, 0, 1} and ``b int8 [n_out]`` in {-1, 1}, input layer first."""
+        """From ternary ``W [n_out, n_in]`` in {-1, 0, 1} and integer constants ``c [n_out]`` with
+        ``|c| <= n_in + 1`` (the paper's {-1, +1}, or folded thresholds), input layer first."""
         for i, (w, b) in enumerate(layers):
             w, b = np.asarray(w), np.asarray(b)
             if w.ndim != 2 or b.shape != (w.shape[0],):
                 raise ValueError(f"layer {i}: weights {w.shape} and bias {b.shape} are not [n_out, n_in] and [n_out]")
             if not np.isin(w, (-1, 0, 1)).all():
                 raise ValueError(f"layer {i}: weights must be -1, 0 or +1")
+            problem = bias_problem(b, w.shape[1])
+            if problem:
+                raise ValueError(f"layer {i}: {problem}")
         return cls(encoder, PackedNetwork.from_ternary(list(layers)), dict(metadata or {}))
 
     @property

@@ -8,7 +8,10 @@ Per unit ``o`` and packed input row ``x`` (math of :mod:`bnn_core.packed`), a ti
     unmasked:  a = tile_offset[o] - 2 * sum_w popcount(x[w] ^ s[o, w])      (layers without zero weights)
 
 with ``tile_offset = bias - popcount(m)`` (masked) or ``bias + n_in`` (unmasked); see
-:func:`bnn_core.tile_layout.layout_layer` for why both equal the packed engine's integer.
+:func:`bnn_core.tile_layout.layout_layer` for why both equal the packed engine's integer. ``bias`` is any
+integer constant (a +-1 bias or a folded threshold): the lanes are int64 and the offset is one add per unit
+after the loop, so the code is the same for both; scores are truncated to int32 only at the store, exact
+for the offsets :func:`bnn_core.kernels.prepare_layer` accepts.
 
 Design, as measured (AVX-512 with VPOPCNTDQ, Zen 5):
 

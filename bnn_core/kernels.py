@@ -8,7 +8,11 @@ packed inputs ``x [n, W]`` the integer pre-activation of unit ``o`` is
     offset[o] = bias[o] - popcount(m[o, :])
 
 and a hidden layer feeds ``sign(a)`` with ``sign(0) = +1`` on: output bit ``o`` of row ``i`` is 1 iff
-``a[i, o] >= 0``.
+``a[i, o] >= 0``. The constant ``bias[o]`` is any integer (the paper's +-1, or ``-threshold`` of a network
+with batch norm folded into thresholds): it only enters through ``offset``, one int64 per unit that the
+kernel adds once per unit after the popcount loop, so integer thresholds run the very same instructions
+as +-1 biases (``benchmarks/bench_inference.py`` times both). Scores are exact int64 sums, stored as int32;
+offsets that could overflow int32 are refused (:func:`bnn_core.packed.offset_problem`).
 
 Public API (this module dispatches; :mod:`bnn_core.kernel_codegen` holds the compiled loops and
 :mod:`bnn_core.tile_layout` the weight re-layout):
@@ -42,7 +46,15 @@ import numpy as np
 
 from bnn_core import kernel_codegen as codegen
 from bnn_core.kernel_codegen import CHUNK_ROWS, ROW_BLOCK, TILE_OUT
-from bnn_core.packed import WORD_BITS, PackedNetwork, forward_bits_numpy, n_words, pack_bits, preactivations_numpy
+from bnn_core.packed import (
+    WORD_BITS,
+    PackedNetwork,
+    forward_bits_numpy,
+    n_words,
+    offset_problem,
+    pack_bits,
+    preactivations_numpy,
+)
 from bnn_core.tile_layout import layout_layer, leading_ones, network_layout
 
 if codegen.UNAVAILABLE_REASON is None:
@@ -68,7 +80,8 @@ def _fast() -> bool:
 def _check(
     x_words: np.ndarray, signs: np.ndarray, mask: np.ndarray, offset: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The four arrays as contiguous uint64 / int64, or ValueError naming the shapes that do not match."""
+    """The four arrays as contiguous uint64 / int64, or ValueError naming the shapes that do not match (or
+    offsets whose scores would not fit int32)."""
     x_words = np.ascontiguousarray(x_words, dtype=np.uint64)
     signs = np.ascontiguousarray(signs, dtype=np.uint64)
     mask = np.ascontiguousarray(mask, dtype=np.uint64)
@@ -77,6 +90,9 @@ def _check(
         raise ValueError(f"shapes do not match: x {x_words.shape}, signs {signs.shape}, mask {mask.shape}")
     if offset.shape != (signs.shape[0],):
         raise ValueError(f"offset must have shape ({signs.shape[0]},), got {offset.shape}")
+    problem = offset_problem(offset, signs.shape[1])
+    if problem:
+        raise ValueError(problem)
     return x_words, signs, mask, offset
 
 
@@ -191,7 +207,7 @@ class KernelLayer:
 
 def prepare_layer(signs: np.ndarray, mask: np.ndarray, offset: np.ndarray, allow_unmasked: bool = True) -> KernelLayer:
     """Lay out one layer for the kernel: sign/mask planes ``uint64 [n_out, W]``, offset ``int64 [n_out]``
-    (``bias - popcount(mask row)``).
+    (``bias - popcount(mask row)``, any integer bias).
 
     A layer without zero weights gets the unmasked kernel (sign plane only); see
     :func:`bnn_core.tile_layout.layout_layer` for why it gives the same integers.

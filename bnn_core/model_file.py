@@ -5,7 +5,7 @@ refuses, with a :class:`~bnn_core.errors.ModelFileError` whose message starts wi
 is not exactly such a file. The model itself (encoder + packed network, ``predict``) is
 :mod:`bnn_core.bitwise_model`.
 
-File format, version 1
+File format, version 2
 ----------------------
 
 An ``.npz`` archive: a zip of ``.npy`` members (written by ``numpy.lib.format.write_array``), stored
@@ -23,34 +23,57 @@ member             dtype             content
                                     (``s = ceil(popcount(mask) / 64)``)
 ``mask_<i>``       ``<u8 [w]``       layer ``i``'s nonzero mask, ``w = ceil(n_out * n_in / 64)`` words;
                                     only when the layer has zero weights
-``biases``         ``<u8 [b]``       bias signs of all layers, input layer first, ``b = ceil(sum n_out / 64)``
+``biases``         ``<u8 [b]``       the layers' constants as ``bias_bits``-bit fields, input layer first,
+                                    ``b = ceil(sum n_out * bias_bits / 64)`` (0 words when every layer's
+                                    ``bias_bits`` is 0)
 =================  ================  =====================================================================
 
 Bit planes are bit-contiguous, *not* padded per row: the ``[n_out, n_in]`` matrix is flattened row
 major and its element ``k = r * n_in + c`` is bit ``k % 64`` of word ``k // 64`` (little-endian
-uint64, the packed engine's order); ``biases`` is the layers' ``[n_out]`` bias vectors concatenated,
-in the same bit order. Bit 1 means +1 in a sign plane (and in the bias), nonzero in a
-mask; unused bits of the last word are 0. A layer with no ``mask_<i>`` member has no zero weights and
-one sign bit per weight. A layer with a mask stores sign bits for its nonzero weights only, in the
-row-major order of their positions: a zero weight has no sign, so it costs 1 bit and a nonzero weight 2
-(at sparsity ``s`` that is ``2 - s`` bits per weight rather than 2). The loader scatters the signs back
-and re-pads rows into the engine's ``uint64 [n_out, ceil(n_in / 64)]`` words. On disk a model therefore
-takes the bits the cost report (:mod:`bnn_core.cost`) counts -- a sign bit per nonzero weight, a mask
-bit per weight for layers with zeros, a bit per bias -- plus a fixed overhead:
-``204 + 2 * len(member name)`` bytes per member (zip local header
-30, zip central directory 46, ``.npy`` header 128), 22 bytes of zip trailer, the JSON header and at
-most 63 bits of word padding per member. For the paper's 784-1024-1024-1024-10 network that overhead
-is about 2.7 KB with masks and 1.8 KB without, before metadata (``tests/test_model_file.py`` checks
-it stays within 4 KiB). The header grows with ``metadata`` and with a ``lloyd_max`` encoder's levels
-(about 19 bytes each: 300 bytes at 4 bits, 5 KB at 8 bits, which then exceeds that bound).
+uint64, the packed engine's order). Bit 1 means +1 in a sign plane, nonzero in a mask; unused bits of
+the last word are 0. A layer with no ``mask_<i>`` member has no zero weights and one sign bit per weight.
+A layer with a mask stores sign bits for its nonzero weights only, in the row-major order of their
+positions: a zero weight has no sign, so it costs 1 bit and a nonzero weight 2 (at sparsity ``s`` that
+is ``2 - s`` bits per weight rather than 2). The loader scatters the signs back and re-pads rows into
+the engine's ``uint64 [n_out, ceil(n_in / 64)]`` words.
+
+Layer constants. Every layer computes ``a = W z + c`` with one integer ``c`` per unit, ``|c| <= n_in + 1``
+(:func:`bnn_core.packed.bias_bound`): the paper's bias in {-1, +1}, or ``-threshold`` of a network whose
+batch norm was folded into thresholds. Layer ``i`` stores its ``n_out`` constants as ``c = bias_min +
+bias_step * u`` with ``u`` unsigned ``bias_bits``-bit fields, in the one canonical form of
+:func:`bnn_core.packed.bias_code`:
+
+- ``bias_min = min(c)``; ``bias_step = gcd(c - bias_min)``, or 1 when all ``c`` are equal;
+- ``bias_bits = bit_length(max(u))``: 0 when all ``c`` are equal (nothing stored), 1 for the paper's
+  {-1, +1} (``bias_min = -1, bias_step = 2``: the field is 1 for +1, the bit version 1 stored), ``k`` for
+  constants spanning up to ``2^k - 1`` steps (at most ``bit_length(2 n_in + 2)`` bits).
+
+Fields are bit-contiguous little-endian, like the planes: layer ``i``'s field ``j`` starts at bit
+``B_i + j * bias_bits_i`` of the ``biases`` bit stream, ``B_i = sum_{l < i} n_out_l * bias_bits_l``, and its
+bit ``t`` (value ``2^t``) is stream bit ``B_i + j * bias_bits_i + t``. So a paper network's ``biases``
+member is bit for bit its version-1 member (unless a layer's biases are all equal, which then costs 0 bits).
+The reader refuses anything but the canonical form (``u`` not starting at 0, a step that is not the
+fields' gcd, more bits than the largest field needs) and constants beyond ``n_in + 1``: one model has
+exactly one file.
+
+On disk a model therefore takes the bits the cost report (:mod:`bnn_core.cost`, given the biases) counts
+-- a sign bit per nonzero weight, a mask bit per weight for layers with zeros, ``bias_bits`` per unit --
+plus a fixed overhead: ``204 + 2 * len(member name)`` bytes per member (zip local header 30, zip central
+directory 46, ``.npy`` header 128), 22 bytes of zip trailer, the JSON header and at most 63 bits of word
+padding per member. For the paper's 784-1024-1024-1024-10 network that overhead is about 2.9 KB with
+masks and 2.0 KB without, before metadata (``tests/test_model_file.py`` checks it stays within 4 KiB).
+The header grows with ``metadata`` and with a ``lloyd_max`` encoder's levels (about 19 bytes each: 300
+bytes at 4 bits, 5 KB at 8 bits, which then exceeds that bound).
 
 Header fields (all required, no others):
 
-- ``format``: ``"bitwise-nn-model"``; ``format_version``: ``1`` (other versions are refused);
+- ``format``: ``"bitwise-nn-model"``; ``format_version``: ``2`` (``1`` is read too, see below; other
+  versions are refused);
 - ``n_pixels``: raw pixels per image; ``encoder``: the input binarizer's ``to_dict()`` (a binary one:
   ``threshold`` or ``lloyd_max``), which turns ``n_pixels`` pixels into layer 0's ``n_in`` bits;
-- ``layers``: ``[{"n_in": int, "n_out": int, "mask": bool}, ...]``, input layer first; each layer's
-  ``n_out`` is the next one's ``n_in``; the last ``n_out`` is the number of classes;
+- ``layers``: ``[{"n_in": int, "n_out": int, "mask": bool, "bias_min": int, "bias_step": int,
+  "bias_bits": int}, ...]``, input layer first; each layer's ``n_out`` is the next one's ``n_in``; the
+  last ``n_out`` is the number of classes; ``1 <= n_in <= 2^30 - 1``;
 - ``sign_of_zero``: ``1`` (hidden units output ``a >= 0``, :data:`bnn_core.quantizers.SIGN_OF_ZERO`);
   ``argmax_ties``: ``"lowest_index"`` (the predicted class is the first maximum of the last layer);
 - ``metadata``: free JSON object (training config, accuracy, ...);
@@ -59,7 +82,17 @@ Header fields (all required, no others):
   then for every other member in name order its name, ``dtype.str``, JSON shape and raw bytes.
 
 Members are written in the order ``header``, then per layer ``signs_<i>`` and ``mask_<i>``, then
-``biases``; the reader does not depend on the order. Version history: 1 is the first format.
+``biases``; the reader does not depend on the order.
+
+Version history
+---------------
+
+- 1: the paper's network only. Layer entries are ``{"n_in", "n_out", "mask"}`` and ``biases`` holds one
+  bit per unit, ``b = ceil(sum n_out / 64)`` words: bit 1 is ``c = +1``, bit 0 is ``c = -1``. Everything
+  else is as in version 2. Still read; :func:`encode_model` writes it on request (``format_version=1``)
+  for a model whose constants are all -1 or +1.
+- 2 (written by default): integer constants per layer (``bias_min``, ``bias_step``, ``bias_bits``), for
+  networks with batch norm folded into thresholds. A paper network costs the bits it did in version 1.
 """
 
 from __future__ import annotations
@@ -81,10 +114,22 @@ import numpy as np
 from bnn_core.bitwise_model import BinaryEncoder, BitwiseModel, layer_problem
 from bnn_core.errors import ConfigError, ModelFileError
 from bnn_core.input_encoders import LloydMaxEncoder, encoder_from_dict
-from bnn_core.packed import PackedLayer, PackedNetwork, n_words, pack_bits, unpack_bits
+from bnn_core.packed import (
+    MAX_N_IN,
+    PackedLayer,
+    PackedNetwork,
+    bias_bound,
+    bias_code,
+    n_words,
+    pack_bits,
+    unpack_bits,
+)
 
 FORMAT_NAME = "bitwise-nn-model"
-FORMAT_VERSION = 1
+#: The version :func:`save_bitwise_model` writes.
+FORMAT_VERSION = 2
+#: The versions :func:`load_bitwise_model` reads.
+READ_VERSIONS = (1, 2)
 ARGMAX_TIES = "lowest_index"
 #: sign(0) = +1: the rule of :func:`bnn_core.packed.sign_bits` and :data:`bnn_core.quantizers.SIGN_OF_ZERO`,
 #: restated here so reading a model file does not import torch (a test checks the two agree).
@@ -94,7 +139,11 @@ ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)
 HEADER_KEYS = frozenset(
     {"format", "format_version", "n_pixels", "encoder", "layers", "sign_of_zero", "argmax_ties", "metadata", "sha256"}
 )
-LAYER_KEYS = frozenset({"n_in", "n_out", "mask"})
+#: The keys of a header layer entry, per format version.
+LAYER_KEYS = {
+    1: frozenset({"n_in", "n_out", "mask"}),
+    2: frozenset({"n_in", "n_out", "mask", "bias_min", "bias_step", "bias_bits"}),
+}
 #: Largest header accepted (bytes); a real one is well under 1 KB plus metadata.
 MAX_HEADER_BYTES = 1 << 20
 
@@ -150,10 +199,30 @@ def _plane_words(bits: np.ndarray) -> np.ndarray:
     return pack_bits(np.asarray(bits, dtype=bool).ravel()).astype(WORD_DTYPE)
 
 
-def encode_model(model: BitwiseModel) -> dict[str, np.ndarray]:
-    """The members of a model file, ``header`` included (its ``sha256`` filled in)."""
+def field_bits(fields: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned integers ``[n]`` -> booleans ``[n * bits]``: field ``j``'s bit ``t`` (value ``2^t``) at
+    ``j * bits + t`` (little-endian, bit-contiguous, like the planes)."""
+    fields = np.asarray(fields, dtype=np.int64)
+    return ((fields[:, None] >> np.arange(bits, dtype=np.int64)) & 1).astype(bool).ravel()
+
+
+def bits_field(bits: np.ndarray, bits_per_field: int) -> np.ndarray:
+    """Inverse of :func:`field_bits`: booleans ``[n * bits_per_field]`` -> ``int64 [n]`` (fields < 2^62)."""
+    weights = np.left_shift(np.int64(1), np.arange(bits_per_field, dtype=np.int64))
+    return np.asarray(bits, dtype=bool).reshape(-1, bits_per_field).astype(np.int64) @ weights
+
+
+def encode_model(model: BitwiseModel, format_version: int = FORMAT_VERSION) -> dict[str, np.ndarray]:
+    """The members of a model file, ``header`` included (its ``sha256`` filled in).
+
+    ``format_version`` 2 (default) stores any integer constants; 1 only the paper's -1 / +1 (ValueError
+    otherwise), for a reader that predates version 2.
+    """
+    if format_version not in READ_VERSIONS:
+        raise ValueError(f"cannot write format version {format_version!r} (versions: {list(READ_VERSIONS)})")
     arrays: dict[str, np.ndarray] = {}
     layer_specs = []
+    bias_fields = []
     for i, layer in enumerate(model.network.layers):
         mask = unpack_bits(layer.mask, layer.n_in)
         signs = unpack_bits(layer.signs, layer.n_in) & mask
@@ -162,11 +231,20 @@ def encode_model(model: BitwiseModel) -> dict[str, np.ndarray]:
         arrays[f"signs_{i}"] = _plane_words(signs[mask] if has_zeros else signs)
         if has_zeros:
             arrays[f"mask_{i}"] = _plane_words(mask)
-        layer_specs.append({"n_in": layer.n_in, "n_out": layer.n_out, "mask": has_zeros})
-    arrays["biases"] = _plane_words(np.concatenate([layer.bias > 0 for layer in model.network.layers]))
+        spec: dict[str, Any] = {"n_in": layer.n_in, "n_out": layer.n_out, "mask": has_zeros}
+        if format_version == 1:
+            if not np.isin(layer.bias, (-1, 1)).all():
+                raise ValueError(f"layer {i}: format version 1 stores biases -1 / +1 only; use version 2")
+            bias_fields.append(layer.bias > 0)
+        else:
+            code, fields = bias_code(layer.bias)
+            spec.update(bias_min=code.low, bias_step=code.step, bias_bits=code.bits)
+            bias_fields.append(field_bits(fields, code.bits))
+        layer_specs.append(spec)
+    arrays["biases"] = _plane_words(np.concatenate(bias_fields))
     header: dict[str, Any] = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "n_pixels": model.n_pixels,
         "encoder": model.encoder.to_dict(),
         "layers": layer_specs,
@@ -189,10 +267,12 @@ def write_npz(handle: IO[bytes], members: dict[str, np.ndarray]) -> None:
             archive.writestr(info, buffer.getvalue(), compress_type=zipfile.ZIP_STORED)
 
 
-def save_bitwise_model(path: str | Path, model: BitwiseModel) -> int:
-    """Write ``model`` to ``path`` atomically (temporary file beside it, then rename); returns the bytes written."""
+def save_bitwise_model(path: str | Path, model: BitwiseModel, format_version: int = FORMAT_VERSION) -> int:
+    """Write ``model`` to ``path`` atomically (temporary file beside it, then rename); returns the bytes written.
+
+    ``format_version``: see :func:`encode_model` (2 unless a version-1 reader must read the file)."""
     path = Path(path)
-    members = encode_model(model)
+    members = encode_model(model, format_version)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
@@ -296,10 +376,9 @@ def _parse_header(path: Path, raw: Any) -> dict[str, Any]:
     if header.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{path}: not a bitwise-nn model file (header format {header.get('format')!r})")
     version = header.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path}: format version {version!r} is not supported (this reader reads version {FORMAT_VERSION})"
-        )
+    if type(version) is not int or version not in READ_VERSIONS:
+        readable = " and ".join(str(v) for v in READ_VERSIONS)
+        raise ModelFileError(f"{path}: format version {version!r} is not supported (this reader reads {readable})")
     missing, extra = sorted(HEADER_KEYS - header.keys()), sorted(header.keys() - HEADER_KEYS)
     if missing:
         raise ModelFileError(f"{path}: header fields missing: {missing}")
@@ -310,6 +389,24 @@ def _parse_header(path: Path, raw: Any) -> dict[str, Any]:
 
 def _is_count(value: Any) -> bool:
     return type(value) is int and value >= 1
+
+
+def _check_bias_fields(path: Path, i: int, spec: dict[str, Any]) -> None:
+    """A version-2 layer entry's ``bias_min``, ``bias_step``, ``bias_bits``: ints that can only describe
+    constants within ``[-(n_in + 1), n_in + 1]`` (what the fields decode to is checked once they are read)."""
+    low, step, bits = spec["bias_min"], spec["bias_step"], spec["bias_bits"]
+    if type(low) is not int or type(step) is not int or type(bits) is not int or step < 1 or bits < 0:
+        raise ModelFileError(
+            f"{path}: header layer {i} bias fields must be bias_min: int, bias_step: int >= 1, bias_bits: int >= 0"
+        )
+    bound = bias_bound(spec["n_in"])
+    if abs(low) > bound or step > 2 * bound or bits > (2 * bound).bit_length():
+        raise ModelFileError(
+            f"{path}: header layer {i}: bias_min {low}, bias_step {step}, bias_bits {bits} cannot describe "
+            f"constants within [-{bound}, {bound}] (n_in + 1 = {bound})"
+        )
+    if bits == 0 and step != 1:
+        raise ModelFileError(f"{path}: header layer {i}: bias_step {step} with bias_bits 0 (canonical: step 1)")
 
 
 def _check_header_fields(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
@@ -327,15 +424,24 @@ def _check_header_fields(path: Path, header: dict[str, Any]) -> list[dict[str, A
     layers = header["layers"]
     if not isinstance(layers, list) or not layers:
         raise ModelFileError(f"{path}: header field layers must be a non-empty list")
+    version = header["format_version"]
+    keys = LAYER_KEYS[version]
     for i, spec in enumerate(layers):
         if (
             not isinstance(spec, dict)
-            or spec.keys() != LAYER_KEYS
+            or spec.keys() != keys
             or not _is_count(spec["n_in"])
             or not _is_count(spec["n_out"])
             or not isinstance(spec["mask"], bool)
         ):
-            raise ModelFileError(f"{path}: header layer {i} must be {{n_in: int >= 1, n_out: int >= 1, mask: bool}}")
+            schema = "n_in: int >= 1, n_out: int >= 1, mask: bool"
+            if version >= 2:
+                schema += ", bias_min: int, bias_step: int, bias_bits: int"
+            raise ModelFileError(f"{path}: header layer {i} must be {{{schema}}}")
+        if spec["n_in"] > MAX_N_IN:
+            raise ModelFileError(f"{path}: header layer {i}: n_in {spec['n_in']} exceeds the largest, {MAX_N_IN}")
+        if version >= 2:
+            _check_bias_fields(path, i, spec)
     return layers
 
 
@@ -357,6 +463,11 @@ def _check_encoder(path: Path, header: dict[str, Any], layers: list[dict[str, An
     return encoder
 
 
+def _bias_bits(spec: dict[str, Any]) -> int:
+    """Bits per constant of a header layer entry (version 1: always 1)."""
+    return spec.get("bias_bits", 1)
+
+
 def _expected_members(layers: list[dict[str, Any]]) -> dict[str, int | None]:
     """Member name -> number of words, as the header's layers require (None: known once the mask is read)."""
     expected: dict[str, int | None] = {}
@@ -365,7 +476,7 @@ def _expected_members(layers: list[dict[str, Any]]) -> dict[str, int | None]:
         expected[f"signs_{i}"] = None if spec["mask"] else plane
         if spec["mask"]:
             expected[f"mask_{i}"] = plane
-    expected["biases"] = n_words(sum(spec["n_out"] for spec in layers))
+    expected["biases"] = n_words(sum(spec["n_out"] * _bias_bits(spec) for spec in layers))
     return expected
 
 
@@ -397,9 +508,32 @@ def _unpack_plane(path: Path, name: str, words: np.ndarray, n_bits: int) -> np.n
     return bits[:n_bits]
 
 
+def _decode_constants(path: Path, i: int, spec: dict[str, Any], bits: np.ndarray) -> np.ndarray:
+    """Layer ``i``'s constants ``int32 [n_out]`` from its ``n_out * bias_bits`` stream bits: version 1 (no
+    ``bias_bits`` key) bit 1 -> +1, 0 -> -1; version 2 ``bias_min + bias_step * u``, canonical form only."""
+    if "bias_bits" not in spec:
+        return np.where(bits, 1, -1).astype(np.int32)
+    low, step, k = spec["bias_min"], spec["bias_step"], spec["bias_bits"]
+    if k == 0:
+        return np.full(spec["n_out"], low, dtype=np.int32)
+    fields = bits_field(bits, k)  # k <= 32 (header check), so every field fits int64
+    largest = int(fields.max())
+    bound = bias_bound(spec["n_in"])
+    what = f"{path}: layer {i}: non-canonical bias encoding"
+    if int(fields.min()) != 0:
+        raise ModelFileError(f"{what}: bias_min {low} is not the smallest constant (the fields do not start at 0)")
+    if largest < 1 << (k - 1):
+        raise ModelFileError(f"{what}: bias_bits {k} is more than the largest field, {largest}, needs")
+    if math.gcd(*fields.tolist()) != 1:
+        raise ModelFileError(f"{what}: bias_step {step} is not the constants' common step")
+    if low + step * largest > bound:  # Python ints: no overflow whatever the header says
+        raise ModelFileError(f"{path}: layer {i}: constants reach {low + step * largest}, beyond n_in + 1 = {bound}")
+    return (low + step * fields).astype(np.int32)
+
+
 def _decode_layers(path: Path, arrays: dict[str, np.ndarray], layers: list[dict[str, Any]]) -> PackedNetwork:
     packed = []
-    n_biases = np.cumsum([0] + [spec["n_out"] for spec in layers])
+    n_biases = np.cumsum([0] + [spec["n_out"] * _bias_bits(spec) for spec in layers])
     biases = _unpack_plane(path, "biases", arrays["biases"], int(n_biases[-1]))
     for i, spec in enumerate(layers):
         n_in, n_out = spec["n_in"], spec["n_out"]
@@ -421,12 +555,8 @@ def _decode_layers(path: Path, arrays: dict[str, np.ndarray], layers: list[dict[
         else:
             signs = _unpack_plane(path, signs_name, signs_words, n_in * n_out).reshape(n_out, n_in)
             mask = np.ones((n_out, n_in), dtype=bool)
-        bias = biases[n_biases[i] : n_biases[i + 1]]
-        packed.append(
-            PackedLayer(
-                signs=pack_bits(signs), mask=pack_bits(mask), bias=np.where(bias, 1, -1).astype(np.int8), n_in=n_in
-            )
-        )
+        bias = _decode_constants(path, i, spec, biases[n_biases[i] : n_biases[i + 1]])
+        packed.append(PackedLayer(signs=pack_bits(signs), mask=pack_bits(mask), bias=bias, n_in=n_in))
     return PackedNetwork(tuple(packed))
 
 

@@ -83,7 +83,8 @@ class LayerTiles:
 
 def layout_layer(signs: np.ndarray, mask: np.ndarray, offset: np.ndarray, allow_unmasked: bool = True) -> LayerTiles:
     """Tiles and tile offset of one layer: planes ``uint64 [n_out, W]`` (sign bits 0 where the mask is 0),
-    ``offset = bias - popcount(mask row)`` ``int64 [n_out]`` (:attr:`bnn_core.packed.PackedLayer.offset`).
+    ``offset = bias - popcount(mask row)`` ``int64 [n_out]`` (:attr:`bnn_core.packed.PackedLayer.offset`;
+    ``bias`` any integer: it only shifts the offset, and padding units keep -1 whatever the biases are).
 
     Masked: ``tile_offset = offset`` and ``a = 2 popcount(~(x ^ s) & m) + offset``. A layer whose every mask
     row is the same run of leading ones (no zero weights: ``1 .. n_in``) is unmasked: sign plane only and

@@ -1,4 +1,5 @@
-"""The fast kernel (bnn_core.kernels) must give exactly the integers of the numpy packed engine."""
+"""The fast kernel (bnn_core.kernels) must give exactly the integers of the numpy packed engine, for the
+paper's +-1 biases and for any integer constants (folded batch-norm thresholds)."""
 
 import os
 import subprocess
@@ -32,10 +33,27 @@ def force_fallback():
         yield
 
 
-def random_layer(rng, n_in, n_out, zero_fraction):
+def random_layer(rng, n_in, n_out, zero_fraction, kind="binary"):
+    """Ternary weights with about ``zero_fraction`` zeros; constants: the paper's +-1 (``binary``), any
+    integer with ``|c| <= n_in + 1`` (``integer``), or only the range's extremes (``extremes``)."""
     w = rng.choice([-1, 1], (n_out, n_in)) * (rng.random((n_out, n_in)) >= zero_fraction)
-    b = rng.choice([-1, 1], n_out)
+    bound = n_in + 1
+    if kind == "binary":
+        b = rng.choice([-1, 1], n_out)
+    elif kind == "extremes":
+        b = rng.choice([-bound, -n_in, n_in, bound], n_out)
+    else:
+        b = rng.integers(-bound, bound + 1, n_out)
     return w, b
+
+
+def integer_forward(x_pm1, layers):
+    """Plain integer reference of a whole network: ``a = W z + c``, hidden ``z = +1 iff a >= 0``."""
+    z = x_pm1.astype(np.int64)
+    for i, (w, c) in enumerate(layers):
+        a = integer_matmul(z, w, c)
+        z = np.where(a >= 0, 1, -1) if i < len(layers) - 1 else a
+    return z
 
 
 def integer_matmul(x_pm1, w, b):
@@ -69,6 +87,74 @@ def test_kernel_equals_numpy_engine_and_integer_matmul(n, n_in, n_out, zero_frac
     np.testing.assert_array_equal(bits, pack_bits(expected >= 0))
     # The numpy fallback (bnn_core.packed), called directly, gives the same packed bits.
     np.testing.assert_array_equal(forward_bits_numpy(words, layer.signs, layer.mask, offset), bits)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 70),
+    n_in=st.one_of(st.integers(1, 300), st.sampled_from([64, 128, 192, 256])),
+    n_out=st.integers(1, 150),
+    zero_fraction=st.sampled_from([0.0, 0.3, 1.0]),
+    kind=st.sampled_from(["integer", "extremes"]),
+    parallel=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_kernel_with_integer_constants_equals_numpy_engine_and_integer_matmul(
+    n, n_in, n_out, zero_fraction, kind, parallel, seed
+):
+    rng = np.random.default_rng(seed)
+    w, c = random_layer(rng, n_in, n_out, zero_fraction, kind)
+    x = rng.choice([-1, 1], (n, n_in))
+    layer = PackedLayer.from_ternary(w, c)
+    words = pack_bits(x > 0)
+    reference = integer_matmul(x, w, c)
+    np.testing.assert_array_equal(preactivations_numpy(words, layer.signs, layer.mask, layer.offset), reference)
+    prepared = K.prepare_layer(layer.signs, layer.mask, layer.offset)  # zero_fraction 0: the unmasked kernel
+    with force_parallel() if parallel else mock.patch.object(K, "PARALLEL_MIN_WORK", 1 << 60):
+        got = prepared.preactivations(words)
+        bits = prepared.forward_bits(words)
+    np.testing.assert_array_equal(got, reference)
+    # Tile padding units (n_out not a multiple of 64) stay 0 whatever the real units' constants are.
+    np.testing.assert_array_equal(bits, pack_bits(reference >= 0))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 120),
+    n_in=st.integers(1, 300),
+    hidden=st.lists(st.integers(1, 150), min_size=0, max_size=3),
+    n_classes=st.integers(1, 12),
+    sparsity=st.sampled_from([0.0, 0.5]),
+    kind=st.sampled_from(["integer", "extremes"]),
+    parallel=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_kernel_network_with_integer_constants_equals_packed_network_and_integer_reference(
+    n, n_in, hidden, n_classes, sparsity, kind, parallel, seed
+):
+    rng = np.random.default_rng(seed)
+    sizes = [n_in, *hidden, n_classes]
+    layers = [random_layer(rng, sizes[i], sizes[i + 1], sparsity, kind) for i in range(len(sizes) - 1)]
+    x = rng.random((n, n_in)) > 0.5
+    packed = PackedNetwork.from_ternary(layers)
+    reference = integer_forward(np.where(x, 1, -1), layers)
+    np.testing.assert_array_equal(packed.forward_counts(x), reference)
+    with force_parallel() if parallel else mock.patch.object(K, "PARALLEL_MIN_WORK", 1 << 60):
+        got = K.KernelNetwork.from_packed(packed).forward_counts(x)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, reference)
+
+
+def test_offsets_that_could_overflow_int32_are_refused():
+    layer = PackedLayer.from_ternary(*random_layer(np.random.default_rng(6), 70, 20, 0.0))
+    huge = layer.offset.copy()
+    huge[3] = 2**31 - 10  # fits int64 and int32, but 2 * agreements on top would wrap
+    words = pack_bits(np.ones((2, 70), bool))
+    for call in (K.preactivations, K.forward_layer_bits):
+        with pytest.raises(ValueError, match="beyond int32"):
+            call(words, layer.signs, layer.mask, huge)
+    with pytest.raises(ValueError, match="beyond int32"):
+        K.prepare_layer(layer.signs, layer.mask, huge)
 
 
 @pytest.mark.parametrize("zero_fraction", [0.0, 1.0])

@@ -1,5 +1,6 @@
-"""The exported model file: exact round trip, size = cost-report bits + small overhead, and a loader that
-refuses every damaged or foreign file with a ModelFileError (never anything else, never unpickling)."""
+"""The exported model file: exact round trip (the paper's +-1 biases and integer thresholds), size =
+cost-report bits + small overhead, version-1 files still load, and a loader that refuses every damaged or
+foreign file with a ModelFileError (never anything else, never unpickling)."""
 
 from __future__ import annotations
 
@@ -25,32 +26,62 @@ from bnn_core.errors import DataError, ModelFileError
 from bnn_core.input_encoders import LloydMaxEncoder, RealScaler, ThresholdEncoder
 from bnn_core.model_file import (
     SIGN_OF_ZERO,
+    bits_field,
     canonical_json,
     content_hash,
     encode_model,
+    field_bits,
     load_bitwise_model,
     save_bitwise_model,
     write_npz,
 )
-from bnn_core.packed import PackedNetwork
+from bnn_core.packed import PackedNetwork, bias_code, pack_bits
 
 PAPER_SIZES = [784, 1024, 1024, 1024, 10]
 OVERHEAD_LIMIT = 4096
+DATA = Path(__file__).resolve().parent / "data"
 
 
-def random_layers(rng, sizes, sparsity=0.0):
-    """Ternary weights with about ``sparsity`` zeros (a float, or one per layer) and binary biases."""
+def random_constants(rng, n_in, n_out, kind):
+    """``binary``: the paper's +-1; ``integer``: any integer with ``|c| <= n_in + 1`` (folded thresholds);
+    ``narrow``: a few values on a common step (exercises ``bias_step``); ``equal``: one value (0 bits)."""
+    bound = n_in + 1
+    if kind == "binary":
+        return rng.choice(np.array([-1, 1], dtype=np.int8), n_out)
+    if kind == "narrow":
+        step = int(rng.integers(1, bound + 1))
+        low = int(rng.integers(-bound, bound - step + 1))
+        return (low + step * rng.integers(0, 2, n_out)).astype(np.int32)
+    if kind == "equal":
+        return np.full(n_out, rng.integers(-bound, bound + 1), dtype=np.int32)
+    return rng.integers(-bound, bound + 1, n_out).astype(np.int32)
+
+
+def random_layers(rng, sizes, sparsity=0.0, constants="binary"):
+    """Ternary weights with about ``sparsity`` zeros (a float, or one per layer) and constants of the kind
+    ``constants`` (one for all layers, or one per layer; see :func:`random_constants`)."""
     sparsities = sparsity if isinstance(sparsity, list | tuple) else [sparsity] * (len(sizes) - 1)
+    kinds = constants if isinstance(constants, list | tuple) else [constants] * (len(sizes) - 1)
     layers = []
-    for n_in, n_out, zeros in zip(sizes[:-1], sizes[1:], sparsities, strict=True):
+    for n_in, n_out, zeros, kind in zip(sizes[:-1], sizes[1:], sparsities, kinds, strict=True):
         w = rng.choice(np.array([-1, 1], dtype=np.int8), (n_out, n_in)) * (rng.random((n_out, n_in)) >= zeros)
-        layers.append((w.astype(np.int8), rng.choice(np.array([-1, 1], dtype=np.int8), n_out)))
+        layers.append((w.astype(np.int8), random_constants(rng, n_in, n_out, kind)))
     return layers
 
 
 def small_model(seed=0, sparsity=(0.4, 0.0)):
     rng = np.random.default_rng(seed)
     return BitwiseModel.from_layers(ThresholdEncoder(100), random_layers(rng, [20, 9, 3], list(sparsity)), {"t": 1})
+
+
+def threshold_model(seed=0):
+    """``small_model``'s shape with integer constants: layer 0 any integers (6 bits: [-21, 21]), layer 1 on a
+    step of 3."""
+    rng = np.random.default_rng(seed)
+    (w0, _), (w1, _) = random_layers(rng, [20, 9, 3], [0.4, 0.0])
+    c0 = np.array([-21, 21, 0, 5, -3, 7, 7, 12, -20], dtype=np.int32)
+    c1 = np.array([-2, 4, 1], dtype=np.int32)
+    return BitwiseModel.from_layers(ThresholdEncoder(100), [(w0, c0), (w1, c1)], {"t": 2})
 
 
 def lloyd_encoder(bits, seed=0):
@@ -67,18 +98,33 @@ def lloyd_encoder(bits, seed=0):
     n_classes=st.integers(1, 12),
     sparsity=st.sampled_from([0.0, 0.3, 0.9, 1.0]),
     encoder_bits=st.sampled_from([0, 1, 2, 3]),
+    constants=st.sampled_from(["binary", "integer", "mixed", "binary as version 1"]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_round_trip_is_exact(pixels, hidden, n_classes, sparsity, encoder_bits, seed):
+def test_round_trip_is_exact(pixels, hidden, n_classes, sparsity, encoder_bits, constants, seed):
     rng = np.random.default_rng(seed)
     encoder = ThresholdEncoder(int(rng.integers(0, 255))) if encoder_bits == 0 else lloyd_encoder(encoder_bits, seed)
     sizes = [encoder.n_features(pixels), *hidden, n_classes]
-    layers = random_layers(rng, sizes, [sparsity if rng.random() < 0.5 else 0.0 for _ in sizes[1:]])
+    version = 1 if constants == "binary as version 1" else 2
+    if constants == "mixed":  # a kind per layer, as a threshold network with some degenerate layers
+        kinds = [str(rng.choice(["binary", "integer", "narrow", "equal"])) for _ in sizes[1:]]
+    else:
+        kinds = "integer" if constants == "integer" else "binary"
+    layers = random_layers(rng, sizes, [sparsity if rng.random() < 0.5 else 0.0 for _ in sizes[1:]], kinds)
     model = BitwiseModel.from_layers(encoder, layers, {"seed": seed, "sizes": sizes, "name": "x"})
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "bnn.npz"
-        written = save_bitwise_model(path, model)
+        written = save_bitwise_model(path, model, format_version=version)
         assert written == path.stat().st_size
+        with np.load(path, allow_pickle=False) as npz:
+            header = json.loads(npz["header"].tobytes())
+            stored_bias_bits = 64 * len(npz["biases"])
+        assert header["format_version"] == version
+        if version == 2:  # the biases member holds exactly the fields the header declares
+            declared = sum(spec["n_out"] * spec["bias_bits"] for spec in header["layers"])
+            assert stored_bias_bits == 64 * -(-declared // 64)
+            for spec, (_, c) in zip(header["layers"], layers, strict=True):
+                assert (spec["bias_min"], spec["bias_step"], spec["bias_bits"]) == tuple(bias_code(c)[0])
         loaded = load_bitwise_model(path)
 
     assert loaded.encoder == encoder
@@ -115,8 +161,14 @@ def test_mask_members_only_for_layers_with_zeros(tmp_path):
         header = json.loads(npz["header"].tobytes())
     with zipfile.ZipFile(tmp_path / "m.npz") as archive:
         assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
-    assert header["layers"] == [{"n_in": 20, "n_out": 9, "mask": True}, {"n_in": 9, "n_out": 3, "mask": False}]
-    assert header["format_version"] == 1
+    signs_of = [np.sign(layer.bias).tolist() for layer in model.network.layers]
+    assert all(sorted(set(signs)) == [-1, 1] for signs in signs_of)  # both signs in each layer: 1 bit per bias
+    paper_code = {"bias_min": -1, "bias_step": 2, "bias_bits": 1}
+    assert header["layers"] == [
+        {"n_in": 20, "n_out": 9, "mask": True, **paper_code},
+        {"n_in": 9, "n_out": 3, "mask": False, **paper_code},
+    ]
+    assert header["format_version"] == 2
     assert header["sign_of_zero"] == 1
     assert header["argmax_ties"] == "lowest_index"
     assert header["encoder"] == {"method": "threshold", "threshold": 100}
@@ -129,6 +181,57 @@ def test_bit_order_on_disk_is_row_major_feature_k_in_word_k_div_64():
     set_bits = np.flatnonzero(np.unpackbits(members["signs_0"].view(np.uint8), bitorder="little"))
     assert set_bits.tolist() == [0, 69, 70, 2 * 70 + 63]
     assert members["biases"].tolist() == [0b101]
+
+
+def test_integer_constants_on_disk_are_little_endian_fields_from_the_minimum():
+    w = np.ones((3, 10), dtype=np.int8)
+    layers = [(w, np.array([-4, 2, 11])), (np.ones((2, 3), np.int8), np.array([4, 4]))]
+    members = encode_model(BitwiseModel.from_layers(ThresholdEncoder(), layers))
+    specs = header_of(members)["layers"]
+    # Layer 0: c = -4 + 3 u, u = (0, 2, 5) in 3 bits each, bits 0..8; layer 1: all equal, 0 bits.
+    assert [(spec["bias_min"], spec["bias_step"], spec["bias_bits"]) for spec in specs] == [(-4, 3, 3), (4, 1, 0)]
+    assert members["biases"].tolist() == [0b101_010_000]
+    np.testing.assert_array_equal(bits_field(field_bits(np.array([0, 2, 5]), 3), 3), [0, 2, 5])
+
+
+def test_paper_network_costs_the_same_bits_in_version_2_as_in_version_1():
+    rng = np.random.default_rng(3)
+    model = BitwiseModel.from_layers(ThresholdEncoder(), random_layers(rng, [70, 130, 10], 0.3))
+    v1, v2 = encode_model(model, format_version=1), encode_model(model)
+    assert v1.keys() == v2.keys()
+    for name in v1:
+        if name != "header":
+            np.testing.assert_array_equal(v1[name], v2[name])  # the biases member bit for bit too
+
+
+def test_version_1_file_loads_and_predicts_as_written():
+    """``tests/data/model_v1.npz`` was written by the version-1 writer (before version 2 existed), with
+    the weights, biases, pixels and scores in ``model_v1_expected.json``."""
+    path = DATA / "model_v1.npz"
+    expected = json.loads((DATA / "model_v1_expected.json").read_text())
+    model = load_bitwise_model(path)
+    with np.load(path, allow_pickle=False) as npz:
+        assert json.loads(npz["header"].tobytes())["format_version"] == 1
+    assert model.metadata == {"fixture": "v1"}
+    for layer, w, b in zip(model.network.layers, expected["weights"], expected["biases"], strict=True):
+        w2, b2 = layer.to_ternary()
+        np.testing.assert_array_equal(w2, w)
+        np.testing.assert_array_equal(b2, b)
+    pixels = np.array(expected["pixels"], dtype=np.uint8)
+    np.testing.assert_array_equal(model.forward_counts(pixels), expected["counts"])
+    np.testing.assert_array_equal(model.predict(pixels), expected["classes"])
+    # The kept version-1 writer gives the very same bytes; the default writes version 2 of the same model.
+    buffer = io.BytesIO()
+    write_npz(buffer, encode_model(model, format_version=1))
+    assert buffer.getvalue() == path.read_bytes()
+    assert header_of(encode_model(model))["format_version"] == 2
+
+
+def test_version_1_cannot_hold_integer_constants():
+    with pytest.raises(ValueError, match="format version 1 stores biases -1 / \\+1 only"):
+        encode_model(threshold_model(), format_version=1)
+    with pytest.raises(ValueError, match="cannot write format version 3"):
+        encode_model(small_model(), format_version=3)
 
 
 def test_sign_of_zero_matches_the_quantizers():
@@ -148,16 +251,22 @@ def test_argmax_ties_go_to_the_lowest_index():
     assert (model.predict(x) == 0).all()
 
 
+@pytest.mark.parametrize("constants", ["binary", "integer"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
 @pytest.mark.parametrize("encoder", [ThresholdEncoder(127), lloyd_encoder(2)], ids=["threshold", "lloyd_max2"])
-def test_file_size_is_cost_report_bits_plus_small_overhead(tmp_path, sparsity, encoder):
+def test_file_size_is_cost_report_bits_plus_small_overhead(tmp_path, sparsity, encoder, constants):
     rng = np.random.default_rng(0)
     sizes = [encoder.n_features(PAPER_SIZES[0]), *PAPER_SIZES[1:]]
-    layers = random_layers(rng, sizes, sparsity)
+    layers = random_layers(rng, sizes, sparsity, constants)
     metadata = {"source": "mnist", "finetune": {"sparsity": sparsity, "grad": "identity", "epochs": 20}}
     model = BitwiseModel.from_layers(encoder, layers, metadata)
     written = save_bitwise_model(tmp_path / "bnn.npz", model)
-    bits = cost_report([w for w, _ in layers]).summary()["binary_weight_bits"]
+    report = cost_report([w for w, _ in layers], [b for _, b in layers])
+    bits = report.summary()["binary_weight_bits"]
+    if constants == "binary":  # the paper's convention (no biases given) counts the same bits
+        assert bits == cost_report([w for w, _ in layers]).summary()["binary_weight_bits"]
+    else:  # up to bit_length(2 n_in + 2) bits per unit, the range |c| <= n_in + 1
+        assert all(1 < layer.bias_bits <= (2 * layer.n_in + 2).bit_length() for layer in report.layers)
     overhead = written - math.ceil(bits / 8)
     assert 0 <= overhead <= OVERHEAD_LIMIT, f"{written} bytes for {bits} bits: {overhead} bytes of overhead"
 
@@ -215,12 +324,33 @@ def without(members, name):
     return {k: v for k, v in members.items() if k != name}
 
 
+def layer_without(members, index, *keys):
+    layers = [dict(spec) for spec in header_of(members)["layers"]]
+    layers[index] = {k: v for k, v in layers[index].items() if k not in keys}
+    return edit_header(members, layers=layers)
+
+
+def reencoded_layer_1(members, low, step, bits, fields):
+    """``members`` (of :func:`threshold_model`) with layer 1's constants stored as ``low + step * fields`` in
+    ``bits``-bit fields (header entry and ``biases`` member rewritten, rehashed): for non-canonical forms."""
+    layers = [dict(spec) for spec in header_of(members)["layers"]]
+    code0, fields0 = bias_code(THRESHOLD_CONSTANTS[0])
+    assert (layers[0]["bias_min"], layers[0]["bias_step"], layers[0]["bias_bits"]) == tuple(code0)
+    layers[1].update(bias_min=low, bias_step=step, bias_bits=bits)
+    stream = np.concatenate([field_bits(fields0, code0.bits), field_bits(np.array(fields), bits)])
+    arrays = {**members, "biases": pack_bits(stream).astype("<u8")}
+    return with_header(arrays, {**header_of(members), "layers": layers})
+
+
 def signs_of_full_plane(members):
     """``signs_0`` as a full sign plane (one bit per weight) although layer 0 has a mask: the wrong length."""
     return np.zeros(-(-9 * 20 // 64), "<u8")
 
 
 BASE = encode_model(small_model())
+BASE_INT = encode_model(threshold_model())  # integer constants: layer 0 6 bits, layer 1 2 bits (step 3): 60 bits
+THRESHOLD_CONSTANTS = [layer.bias for layer in threshold_model().network.layers]
+V1 = encode_model(small_model(), format_version=1)
 
 TAMPERED = {
     "extra member": ({**BASE, "extra": np.zeros(1, "<u8")}, r"unexpected members \['extra'\]"),
@@ -228,11 +358,69 @@ TAMPERED = {
     "missing mask": (without(BASE, "mask_0"), r"missing members \['mask_0'\]"),
     "missing biases": (rehashed(without(BASE, "biases")), r"missing members \['biases'\]"),
     "missing header": (without(BASE, "header"), "missing member 'header'"),
-    "format version 2": (edit_header(BASE, format_version=2), "format version 2 is not supported"),
+    "format version 3": (
+        edit_header(BASE, format_version=3),
+        r"format version 3 is not supported \(this reader reads 1 and 2\)",
+    ),
+    "format version 0": (edit_header(V1, format_version=0), "format version 0 is not supported"),
+    "version 2 layers in a version 1 header": (edit_header(BASE, format_version=1), r"header layer 0 must be \{n_in"),
+    "version 1 layers in a version 2 header": (
+        edit_header(V1, format_version=2),
+        r"header layer 0 must be \{n_in: int >= 1, n_out: int >= 1, mask: bool, bias_min",
+    ),
+    "version 1 layer with bias fields": (
+        layer_edit(V1, 1, bias_min=-1, bias_step=2, bias_bits=1),
+        r"header layer 1 must be \{n_in: int >= 1, n_out: int >= 1, mask: bool\}",
+    ),
+    "missing bias_step": (layer_without(BASE_INT, 1, "bias_step"), "header layer 1 must be"),
+    "bias_bits string": (layer_edit(BASE_INT, 0, bias_bits="5"), "header layer 0 bias fields must be"),
+    "bias_bits bool": (layer_edit(BASE_INT, 0, bias_bits=True), "header layer 0 bias fields must be"),
+    "bias_bits negative": (layer_edit(BASE_INT, 0, bias_bits=-1), "header layer 0 bias fields must be"),
+    "bias_min float": (layer_edit(BASE_INT, 0, bias_min=-21.0), "header layer 0 bias fields must be"),
+    "bias_step 0": (layer_edit(BASE_INT, 1, bias_step=0), "header layer 1 bias fields must be"),
+    "bias_min beyond n_in + 1": (
+        layer_edit(BASE_INT, 0, bias_min=-22),
+        r"cannot describe constants within \[-21, 21\]",
+    ),
+    "bias_step beyond the range": (layer_edit(BASE_INT, 1, bias_step=21), r"within \[-10, 10\]"),
+    "bias_bits beyond the range": (layer_edit(BASE_INT, 0, bias_bits=7), "bias_bits 7 cannot describe"),
+    "bias_step with no bits": (layer_edit(BASE_INT, 1, bias_bits=0), "bias_step 3 with bias_bits 0"),
+    "biases member too long": (
+        replaced(BASE_INT, biases=np.zeros(2, "<u8")),
+        r"layer shape mismatch: member 'biases' has shape \(2,\), the header's layer sizes need \(1,\)",
+    ),
+    "version 1 biases member too long": (replaced(V1, biases=np.zeros(2, "<u8")), "member 'biases' has shape"),
+    "non-canonical: minimum not stored as 0": (
+        reencoded_layer_1(BASE_INT, -5, 3, 2, [1, 3, 2]),
+        "layer 1: non-canonical bias encoding: bias_min -5 is not the smallest constant",
+    ),
+    "non-canonical: step not the gcd": (
+        reencoded_layer_1(BASE_INT, -2, 1, 3, [0, 6, 3]),
+        "layer 1: non-canonical bias encoding: bias_step 1 is not the constants' common step",
+    ),
+    "non-canonical: more bits than needed": (
+        reencoded_layer_1(BASE_INT, -2, 3, 3, [0, 2, 1]),
+        "layer 1: non-canonical bias encoding: bias_bits 3 is more than the largest field, 2, needs",
+    ),
+    "constants beyond n_in + 1": (
+        reencoded_layer_1(BASE_INT, -2, 3, 3, [0, 2, 5]),
+        r"layer 1: constants reach 13, beyond n_in \+ 1 = 10",
+    ),
+    "n_in beyond the largest": (layer_edit(BASE, 0, n_in=2**30), "n_in 1073741824 exceeds the largest"),
     "format version string": (edit_header(BASE, format_version="1"), "format version '1' is not supported"),
     "foreign format": (edit_header(BASE, format="something-else"), "not a bitwise-nn model file"),
     "flipped array bit": (flip_word(BASE, "signs_1", 0, 5), "content hash mismatch"),
     "flipped bias bit": (flip_word(BASE, "biases", 0, 2), "content hash mismatch"),
+    "flipped integer bias bit": (flip_word(BASE_INT, "biases", 0, 7), "content hash mismatch"),
+    "flipped version 1 bias bit": (flip_word(V1, "biases", 0, 2), "content hash mismatch"),
+    "edited bias_min": (
+        with_header(
+            BASE_INT,
+            {**header_of(BASE_INT), "layers": header_of(layer_edit(BASE_INT, 1, bias_min=-1))["layers"]},
+            False,
+        ),
+        "content hash mismatch",
+    ),
     "edited header": (with_header(BASE, {**header_of(BASE), "n_pixels": 20, "metadata": {"t": 2}}, False), "hash"),
     "edited threshold": (
         with_header(BASE, {**header_of(BASE), "encoder": {"method": "threshold", "threshold": 101}}, False),
@@ -283,6 +471,8 @@ TAMPERED = {
         r"not valid JSON \(ValueError: non-finite number 1e999\)",
     ),
     "padding bits": (rehashed(flip_word(BASE, "biases", 0, 63)), "'biases' has nonzero padding bits"),
+    "integer bias padding bits": (rehashed(flip_word(BASE_INT, "biases", 0, 60)), "'biases' has nonzero padding"),
+    "version 1 padding bits": (rehashed(flip_word(V1, "biases", 0, 12)), "'biases' has nonzero padding bits"),
     "signs for zero weights too": (
         rehashed(replaced(BASE, signs_0=signs_of_full_plane(BASE))),
         "member 'signs_0' has shape .* nonzero weights need",
@@ -303,9 +493,14 @@ def test_tampered_archive_is_refused(tmp_path, case):
     assert str(err.value).startswith(f"{path}: ")
 
 
-def test_the_unmodified_base_loads(tmp_path):
-    model = load_bitwise_model(write_members(tmp_path / "bnn.npz", BASE))
+@pytest.mark.parametrize("base", ["BASE", "BASE_INT", "V1"])
+def test_the_unmodified_base_loads(tmp_path, base):
+    members = {"BASE": BASE, "BASE_INT": BASE_INT, "V1": V1}[base]
+    model = load_bitwise_model(write_members(tmp_path / "bnn.npz", members))
     assert model.layer_sizes == [20, 9, 3]
+    reference = threshold_model() if base == "BASE_INT" else small_model()
+    for layer, expected in zip(model.network.layers, reference.network.layers, strict=True):
+        np.testing.assert_array_equal(layer.bias, expected.bias)
 
 
 def valid_bytes(tmp_path) -> bytes:
@@ -465,13 +660,21 @@ def test_same_model_same_bytes(tmp_path, monkeypatch):
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
     save_bitwise_model(tmp_path / "c.npz", small_model(seed=3))
     assert (tmp_path / "a.npz").read_bytes() != (tmp_path / "c.npz").read_bytes()
+    save_bitwise_model(tmp_path / "d.npz", threshold_model())
+    save_bitwise_model(tmp_path / "e.npz", threshold_model())
+    assert (tmp_path / "d.npz").read_bytes() == (tmp_path / "e.npz").read_bytes()
 
 
 @pytest.mark.parametrize(
     ("encoder", "layers", "message"),
     [
         (ThresholdEncoder(), [(np.full((2, 3), 2, np.int8), np.ones(2, np.int8))], "weights must be -1, 0 or"),
-        (ThresholdEncoder(), [(np.ones((2, 3), np.int8), np.zeros(2, np.int8))], "biases must be -1 or"),
+        (
+            ThresholdEncoder(),
+            [(np.ones((2, 3), np.int8), np.array([0, 5]))],
+            r"layer 0: biases must be integers in .* = \[-4, 4\], got \[0, 5\]",
+        ),
+        (ThresholdEncoder(), [(np.ones((2, 3), np.int8), np.array([0, 0.5]))], "biases must be integers"),
         (ThresholdEncoder(), [(np.ones((2, 3), np.int8), np.ones(3, np.int8))], "not .n_out, n_in. and .n_out."),
         (
             ThresholdEncoder(),
@@ -507,24 +710,27 @@ def test_predict_checks_the_pixels():
 # ------------------------------------------------------------------------------------------- fuzzing
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-VALID = encode_model(small_model())
+# Fuzzed: a version-2 file with integer constants (every bias field in use), and a version-1 file.
+VALID = encode_model(threshold_model())
 
 
-def _valid_file_bytes() -> bytes:
+def _file_bytes(members) -> bytes:
     buffer = io.BytesIO()
-    write_npz(buffer, VALID)
+    write_npz(buffer, members)
     return buffer.getvalue()
 
 
-VALID_BYTES = _valid_file_bytes()
+VALID_BYTES = _file_bytes(VALID)
+VALID_V1_BYTES = _file_bytes(encode_model(small_model(), format_version=1))
 REFERENCE_PIXELS = np.random.default_rng(5).integers(0, 256, (16, 20), dtype=np.uint8)
-REFERENCE_COUNTS = small_model().forward_counts(REFERENCE_PIXELS)
+REFERENCE_COUNTS = threshold_model().forward_counts(REFERENCE_PIXELS)
+REFERENCE_V1_COUNTS = small_model().forward_counts(REFERENCE_PIXELS)
 
 
-def refused_or_intact(data: bytes) -> bool:
+def refused_or_intact(data: bytes, reference: np.ndarray = REFERENCE_COUNTS) -> bool:
     """True if ``data`` is refused with ModelFileError, or loads as the reference model (content intact)."""
     model = load_bytes(data)
-    return model is None or np.array_equal(model.forward_counts(REFERENCE_PIXELS), REFERENCE_COUNTS)
+    return model is None or np.array_equal(model.forward_counts(REFERENCE_PIXELS), reference)
 
 
 def load_bytes(data: bytes) -> BitwiseModel | None:
@@ -562,6 +768,14 @@ def test_fuzz_single_byte_mutation_refused_or_harmless(position, xor):
 
 
 @FUZZ
+@given(st.integers(0, len(VALID_V1_BYTES) - 1), st.integers(1, 255))
+def test_fuzz_single_byte_mutation_of_a_version_1_file_refused_or_harmless(position, xor):
+    data = bytearray(VALID_V1_BYTES)
+    data[position] ^= xor
+    assert refused_or_intact(bytes(data), REFERENCE_V1_COUNTS)
+
+
+@FUZZ
 @given(st.integers(0, len(VALID_BYTES) - 1))
 def test_fuzz_truncation_is_refused(length):
     assert load_bytes(VALID_BYTES[:length]) is None
@@ -588,6 +802,10 @@ HEADER_PATHS = [
     ("layers", 1, "n_in"),
     ("layers", 0, "n_out"),
     ("layers", 1, "mask"),
+    ("layers", 0, "bias_min"),
+    ("layers", 1, "bias_step"),
+    ("layers", 0, "bias_bits"),
+    ("layers", 1, "bias_bits"),
     ("sign_of_zero",),
     ("argmax_ties",),
     ("metadata",),

@@ -23,10 +23,12 @@ def load_naive_kernel():
 
 
 @pytest.mark.skipif(not K.FAST_KERNEL_AVAILABLE, reason="numba kernels not available")
-def test_naive_numba_kernel_equals_integer_matmul():
+@pytest.mark.parametrize("constants", ["binary", "integer"])
+def test_naive_numba_kernel_equals_integer_matmul(constants):
     rng = np.random.default_rng(11)
     w = rng.choice([-1, 1], (75, 300)) * (rng.random((75, 300)) >= 0.4)
-    b = rng.choice([-1, 1], 75)
+    # The paper's +-1 biases, or integer thresholds over the whole reachable range |c| <= n_in + 1.
+    b = rng.choice([-1, 1], 75) if constants == "binary" else rng.integers(-301, 302, 75)
     x = rng.choice([-1, 1], (20, 300))
     layer = PackedLayer.from_ternary(w, b)
     got = load_naive_kernel().preactivations_naive(pack_bits(x > 0), layer.signs, layer.mask, layer.offset)
