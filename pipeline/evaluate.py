@@ -80,6 +80,7 @@ def run(ctx: StageContext) -> None:
 
     encoder = encoder_from_dict(json.loads(ctx.artifacts.input_encoder.read_text())["encoder"])
     metadata = {
+        "network": ctx.config.model.network,
         "sparsity": ctx.config.finetune.sparsity,
         "grad": ctx.config.finetune.grad,
         "data_source": ctx.config.data.source,
@@ -92,7 +93,7 @@ def run(ctx: StageContext) -> None:
         check_same_scores("the exported model file (fast kernel, raw pixels)", exported_counts, simulated)
         speed = throughput(exported.engine.forward_counts, layers, x)
 
-        cost = cost_report([w for w, _ in layers])
+        cost = cost_report([w for w, _ in layers], [b for _, b in layers])
         summary = cost.summary()
         metrics = {
             "compressed": {
@@ -106,6 +107,7 @@ def run(ctx: StageContext) -> None:
                 "weight_bits": summary["binary_weight_bits"],
                 "model_file_bytes": file_bytes,
                 "sparsity": ctx.config.finetune.sparsity,
+                "network": ctx.config.model.network,
             },
             "ratios": {"macs": summary["macs_ratio"], "weight_bits": summary["memory_ratio"]},
             "n_test": len(y),

@@ -27,15 +27,16 @@ def run(ctx: StageContext) -> None:
         network = BitwiseMLP.from_compressed(load_compressed(ctx.artifacts.pretrained), optim.sparsity, optim.grad)
     else:  # "random": the same noisy backpropagation without round 1 (shadow weights uniform in [-1, 1])
         hidden, n_out = list(ctx.config.model.hidden), ctx.config.data.n_classes
-        network = BitwiseMLP(splits.n_features, hidden, n_out, optim.sparsity, optim.grad)
+        network = BitwiseMLP(splits.n_features, hidden, n_out, optim.sparsity, optim.grad, ctx.config.model.norm)
     architecture = {
         "n_in": splits.n_features,
         "hidden": network.hidden,
         "n_out": network.n_out,
         "sparsity": optim.sparsity,
         "grad": optim.grad,
+        "norm": network.norm,
     }
-    module = FinetuneModule(network, optim.lr, optim.epochs, optim.weight_decay)
+    module = FinetuneModule(network, optim.lr, optim.epochs, optim.weight_decay, optim.schedule, optim.loss)
     fit_round(ctx, module, splits, optim, ctx.artifacts.finetuned, architecture)
 
 

@@ -19,8 +19,14 @@ def _load_into(net, path: Path, checkpoint: dict) -> None:
 def load_compressed(path: Path) -> CompressedMLP:
     checkpoint = load_checkpoint(path)
     arch = checkpoint["architecture"]
+    dropout_hidden = arch["dropout_hidden"]
     net = CompressedMLP(
-        arch["n_in"], list(arch["hidden"]), arch["n_out"], arch["dropout_input"], arch["dropout_hidden"]
+        arch["n_in"],
+        list(arch["hidden"]),
+        arch["n_out"],
+        arch["dropout_input"],
+        list(dropout_hidden) if isinstance(dropout_hidden, list | tuple) else dropout_hidden,
+        norm=arch.get("norm", "none"),  # checkpoints made before bnn_bn have no "norm"
     )
     _load_into(net, path, checkpoint)
     return net.eval()
@@ -29,6 +35,8 @@ def load_compressed(path: Path) -> CompressedMLP:
 def load_bitwise(path: Path) -> BitwiseMLP:
     checkpoint = load_checkpoint(path)
     arch = checkpoint["architecture"]
-    net = BitwiseMLP(arch["n_in"], list(arch["hidden"]), arch["n_out"], arch["sparsity"], arch["grad"])
+    net = BitwiseMLP(
+        arch["n_in"], list(arch["hidden"]), arch["n_out"], arch["sparsity"], arch["grad"], arch.get("norm", "none")
+    )
     _load_into(net, path, checkpoint)
     return net.eval()

@@ -65,7 +65,7 @@ def test_bitwise_forward_is_integer_and_equals_the_packed_engine(sparsity, rule)
     hidden = sign(sign(x @ w0.T + b0) @ w1.T + b1)
     assert torch.equal(scores, hidden @ w2.T + b2)
     layers = net.export_layers()
-    assert all(w.dtype == np.int8 and b.dtype == np.int8 for w, b in layers)
+    assert all(w.dtype == np.int8 and b.dtype == np.int32 for w, b in layers)
     packed = PackedNetwork.from_ternary(layers).forward_counts(x.numpy() > 0)
     np.testing.assert_array_equal(packed, scores.numpy().astype(np.int64))
 
