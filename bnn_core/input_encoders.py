@@ -7,6 +7,11 @@ Each encoder maps ``pixels[n, p]`` (uint8) to ``features[n, f]`` (float32):
   (Lloyd 1982; Max 1960); pixel -> level index ``q`` -> its ``k`` binary digits as bipolar bits. The
   layout is plane-major: features ``[j*p : (j+1)*p]`` hold bit ``k-1-j`` (most significant first) of
   every pixel's ``q`` (f = k * p).
+- ``thermometer``: ``k`` fixed thresholds evenly spread over 0..255, ``t_j = floor(256 (j + 1) / (k + 1)) - 1``;
+  plane ``j`` is ``+1 if pixel > t_j else -1`` (plane-major, f = k * p). A thermometer code is monotone
+  in the pixel, so a unit's XNOR-popcount over the planes of a pixel is a step approximation of a linear
+  function of it; with ``k = 1`` it is ``threshold`` at 127. (Our choice for the binary networks; the
+  unary input coding of e.g. FINN-style and Rastegari-style binarized networks.)
 - ``real``: ``pixel / 127.5 - 1`` in [-1, 1], for the real-valued baselines only (f = p).
 
 An encoder is part of the model: :meth:`InputEncoder.to_dict` / :func:`encoder_from_dict` carry it
@@ -103,6 +108,34 @@ class LloydMaxEncoder:
 
 
 @dataclass(frozen=True)
+class ThermometerEncoder:
+    """``k`` bipolar bit-planes, plane ``j`` = ``pixel > thresholds[j]`` (increasing thresholds)."""
+
+    thresholds: tuple[int, ...]
+
+    name: ClassVar[str] = "thermometer"
+    is_binary: ClassVar[bool] = True
+
+    @classmethod
+    def evenly_spaced(cls, planes: int) -> ThermometerEncoder:
+        """``t_j = floor(256 (j + 1) / (planes + 1)) - 1``: 1 plane -> (127,), 3 planes -> (63, 127, 191)."""
+        return cls(tuple(256 * (j + 1) // (planes + 1) - 1 for j in range(planes)))
+
+    def n_features(self, n_pixels: int) -> int:
+        return len(self.thresholds) * n_pixels
+
+    def encode_bits(self, pixels: np.ndarray) -> np.ndarray:
+        pixels = np.asarray(pixels)
+        return np.concatenate([pixels > t for t in self.thresholds], axis=-1)
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        return np.where(self.encode_bits(pixels), 1.0, -1.0).astype(np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.name, "thresholds": [int(t) for t in self.thresholds]}
+
+
+@dataclass(frozen=True)
 class RealScaler:
     """Real-valued input ``pixel / 127.5 - 1``; not binary, so only real-valued networks take it."""
 
@@ -119,8 +152,8 @@ class RealScaler:
         return {"method": self.name}
 
 
-InputEncoder = ThresholdEncoder | LloydMaxEncoder | RealScaler
-ENCODER_METHODS = ("threshold", "lloyd_max", "real")
+InputEncoder = ThresholdEncoder | LloydMaxEncoder | ThermometerEncoder | RealScaler
+ENCODER_METHODS = ("threshold", "lloyd_max", "thermometer", "real")
 
 
 def _cell_index(thresholds: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -128,10 +161,14 @@ def _cell_index(thresholds: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.searchsorted(thresholds, values, side="left").astype(np.int64)
 
 
-def fit_input_encoder(method: str, train_pixels: np.ndarray, *, threshold: int = 127, bits: int = 1) -> InputEncoder:
+def fit_input_encoder(
+    method: str, train_pixels: np.ndarray, *, threshold: int = 127, bits: int = 1, planes: int = 3
+) -> InputEncoder:
     """Build the encoder named ``method``; only ``lloyd_max`` looks at (training) pixels."""
     if method == "threshold":
         return ThresholdEncoder(threshold=threshold)
+    if method == "thermometer":
+        return ThermometerEncoder.evenly_spaced(planes)
     if method == "lloyd_max":
         return LloydMaxEncoder.fit(train_pixels, bits)
     if method == "real":
@@ -150,6 +187,12 @@ def encoder_from_dict(spec: dict[str, Any]) -> InputEncoder:
             if len(levels) < 2 or len(levels) & (len(levels) - 1):
                 raise ConfigError(f"lloyd_max encoder needs 2**k levels, got {len(levels)}")
             return LloydMaxEncoder(levels=levels)
+        if method == "thermometer":
+            thresholds = tuple(int(t) for t in spec["thresholds"])
+            increasing = list(thresholds) == sorted(set(thresholds))
+            if not thresholds or not increasing or not 0 <= thresholds[0] <= thresholds[-1] <= 254:
+                raise ConfigError(f"thermometer encoder needs increasing thresholds in 0..254, got {list(thresholds)}")
+            return ThermometerEncoder(thresholds=thresholds)
         if method == "real":
             return RealScaler()
     except (KeyError, TypeError, ValueError) as err:

@@ -57,3 +57,21 @@ def test_encoders_round_trip_through_plain_dicts(method):
 def test_unknown_method_names_the_key():
     with pytest.raises(ConfigError, match="data.binarize.method"):
         fit_input_encoder("median", np.zeros((1, 1)))
+
+
+def test_thermometer_planes_are_pixel_above_each_evenly_spread_threshold():
+    from bnn_core.input_encoders import ThermometerEncoder, encoder_from_dict, fit_input_encoder
+
+    encoder = fit_input_encoder("thermometer", np.zeros((1, 2), np.uint8), planes=3)
+    assert encoder.thresholds == (63, 127, 191)
+    assert ThermometerEncoder.evenly_spaced(1).thresholds == (127,)
+    pixels = np.array([[0, 64], [128, 255]], dtype=np.uint8)
+    # plane-major: [pixel0 > 63, pixel1 > 63, pixel0 > 127, pixel1 > 127, pixel0 > 191, pixel1 > 191]
+    assert encoder.encode_bits(pixels).tolist() == [
+        [False, True, False, False, False, False],
+        [True, True, True, True, False, True],
+    ]
+    assert encoder.n_features(784) == 3 * 784
+    assert encoder_from_dict(encoder.to_dict()) == encoder
+    with pytest.raises(ConfigError):
+        encoder_from_dict({"method": "thermometer", "thresholds": [127, 63]})

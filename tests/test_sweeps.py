@@ -47,7 +47,7 @@ def sweep_jobs(experiment: str) -> list[list[str]]:
     [
         ("sparsity_sweep", [[f"finetune.sparsity={s}"] for s in ("0.0", "0.25", "0.5", "0.75", "0.9")]),
         ("width_sweep", [[f"model.hidden=[{w},{w},{w}]"] for w in (128, 256, 512, 1024)]),
-        ("input_bits_sweep", [[f"+input_bits={name}"] for name in ("threshold", "lloyd_max_2", "lloyd_max_4")]),
+        ("input_bits_sweep", [[f"+input_bits={name}"] for name in ("threshold", "lloyd_max_2", "lloyd_max_4", "thermometer_3")]),
         ("paper_table1", [[f"finetune.sparsity={s}"] for s in ("0.0", "0.5", "0.75")]),
     ],
 )
@@ -57,13 +57,20 @@ def test_experiment_sweeps_expand_to_their_jobs(experiment, jobs):
 
 @pytest.mark.parametrize(
     ("name", "method", "bits", "n_inputs_per_pixel"),
-    [("threshold", "threshold", None, 1), ("lloyd_max_2", "lloyd_max", 2, 2), ("lloyd_max_4", "lloyd_max", 4, 4)],
+    [
+        ("threshold", "threshold", None, 1),
+        ("lloyd_max_2", "lloyd_max", 2, 2),
+        ("lloyd_max_4", "lloyd_max", 4, 4),
+        ("thermometer_3", "thermometer", None, 3),
+    ],
 )
 def test_every_input_bits_job_composes_and_validates(name, method, bits, n_inputs_per_pixel):
     config = validate(hydra_config(["experiment=input_bits_sweep", f"+input_bits={name}"], with_hydra=False))
     assert config.data.binarize.method == method
     if bits is not None:
         assert config.data.binarize.bits == bits == n_inputs_per_pixel
+    if method == "thermometer":
+        assert config.data.binarize.planes == n_inputs_per_pixel
 
 
 def test_dvc_composition_of_every_experiment_validates(tmp_path):
