@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, TensorDataset
 
+from bnn_core.augment import ShiftAugmentation
 from bnn_core.datasets import LabelledImages, SourceData, stratified_split
 from bnn_core.errors import DataError
 from bnn_core.input_encoders import InputEncoder
@@ -23,10 +24,34 @@ class RawSplits:
     test: LabelledImages
 
 
-def split_source(source: SourceData, val_size: int, test_size: int | None, seed: int) -> RawSplits:
+def split_source(
+    source: SourceData,
+    val_size: int,
+    test_size: int | None,
+    seed: int,
+    *,
+    folds: int | None = None,
+    fold: int = 0,
+) -> RawSplits:
     """Stratified, seeded split. A source with its own test set keeps it (``test_size`` must then be None);
-    otherwise ``test_size`` examples are held out of the pool as well."""
+    otherwise ``test_size`` examples are held out of the pool as well.
+
+    ``folds`` (sources without a test set only): k-fold cross-validation instead; the test split is fold
+    ``fold`` of ``folds`` stratified folds of the pool (``test_size`` is not used: a fold is
+    ``len(pool) / folds`` examples) and validation is drawn from the rest
+    (:func:`bnn_core.datasets.kfold_split`). ``folds=None`` is the hold-out split, unchanged.
+    """
     pool = source.train
+    if folds is not None:
+        from bnn_core.datasets import kfold_split  # here, to keep this change to the one function
+
+        if source.test is not None:
+            raise DataError(
+                "data.split.folds: this data source has its own test set; k-fold cross-validation is for "
+                "sources without one (mnist5k), leave data.split.folds unset (null)"
+            )
+        train_idx, val_idx, test_idx = kfold_split(pool.labels, folds, fold, val_size, seed)
+        return RawSplits(pool.subset(train_idx), pool.subset(val_idx), pool.subset(test_idx))
     if source.test is not None:
         if test_size is not None:
             raise DataError("this data source has its own test set; leave data.split.test unset (null)")
@@ -46,7 +71,10 @@ class FeatureSplits:
     """Encoded inputs ``x_<split>`` (float32; +-1 for binary encoders) and labels ``y_<split>``.
 
     ``pixels_test`` keeps the raw uint8 test images, so that an exported model (which binarizes raw
-    pixels itself) can be checked end to end against the training-time simulation.
+    pixels itself) can be checked end to end against the training-time simulation. ``pixels_train``
+    keeps the raw uint8 training images (row ``i`` is the image of ``x_train[i]``) for augmentation
+    (:mod:`bnn_core.augment`), which shifts raw pixels and encodes them again each epoch; it is None in
+    features files written before it existed, which then serve every run except an augmented one.
     """
 
     x_train: np.ndarray
@@ -56,6 +84,7 @@ class FeatureSplits:
     x_test: np.ndarray
     y_test: np.ndarray
     pixels_test: np.ndarray
+    pixels_train: np.ndarray | None = None
 
     @property
     def n_features(self) -> int:
@@ -68,7 +97,9 @@ class FeatureSplits:
             images: LabelledImages = getattr(raw, split)
             parts[f"x_{split}"] = encoder.encode(images.pixels)
             parts[f"y_{split}"] = images.labels.astype(np.int64)
-        return cls(**parts, pixels_test=raw.test.pixels.astype(np.uint8))
+        return cls(
+            **parts, pixels_test=raw.test.pixels.astype(np.uint8), pixels_train=raw.train.pixels.astype(np.uint8)
+        )
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Compact arrays for an ``.npz``: bipolar inputs as packed bits (8 per byte), real ones as float32."""
@@ -78,6 +109,8 @@ class FeatureSplits:
             "packed": np.array(binary),
             "pixels_test": self.pixels_test,
         }
+        if self.pixels_train is not None:
+            arrays["pixels_train"] = self.pixels_train
         for split in SPLITS:
             x = getattr(self, f"x_{split}")
             arrays[f"x_{split}"] = np.packbits(x > 0, axis=1) if binary else x.astype(np.float32)
@@ -94,21 +127,99 @@ class FeatureSplits:
                 x = np.where(np.unpackbits(x, axis=1, count=n_features).astype(bool), 1.0, -1.0)
             parts[f"x_{split}"] = x.astype(np.float32)
             parts[f"y_{split}"] = arrays[f"y_{split}"].astype(np.int64)
-        return cls(**parts, pixels_test=arrays["pixels_test"].astype(np.uint8))
+        pixels_train = arrays.get("pixels_train")  # absent from files written before augmentation
+        return cls(
+            **parts,
+            pixels_test=arrays["pixels_test"].astype(np.uint8),
+            pixels_train=None if pixels_train is None else pixels_train.astype(np.uint8),
+        )
 
     def is_binary(self) -> bool:
         return bool(np.isin(self.x_train, (-1.0, 1.0)).all())
 
 
-class FeatureDataModule(L.LightningDataModule):
-    """Shuffled, seeded mini-batches of the training split; whole-split batches for evaluation."""
+class AugmentedTrainSet(Dataset):
+    """The training split with inputs re-made each epoch by ``augmentation`` (labels unchanged).
 
-    def __init__(self, splits: FeatureSplits, batch_size: int, seed: int, eval_batch_size: int = 1000):
+    :meth:`set_epoch` picks the epoch; its inputs are computed once, at the first item asked for.
+    Items are ``(x float32 [n_features], y int64)``, as from a :class:`TensorDataset`.
+    """
+
+    def __init__(self, augmentation: ShiftAugmentation, labels: np.ndarray):
+        if len(augmentation.pixels) != len(labels):
+            raise DataError(f"{len(augmentation.pixels)} training images for {len(labels)} training labels")
+        self.augmentation = augmentation
+        self.labels = torch.from_numpy(labels)
+        self.epoch = 0
+        self._x: torch.Tensor | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._x = epoch, None
+
+    def inputs(self) -> torch.Tensor:
+        """The encoded inputs of the current epoch, ``[n, n_features]``."""
+        if self._x is None:
+            self._x = torch.from_numpy(self.augmentation.features(self.epoch))
+        return self._x
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs()[index], self.labels[index]
+
+
+class EpochShuffle(Sampler[int]):
+    """A :class:`RandomSampler` that forwards ``set_epoch`` to an :class:`AugmentedTrainSet`.
+
+    Lightning calls ``set_epoch(epoch)`` on the training sampler at the start of every epoch (the hook
+    meant for ``DistributedSampler``), which is how the dataset learns which epoch's augmentation to
+    serve. The order is the plain RandomSampler's on ``generator``: the same shuffles as without
+    augmentation.
+    """
+
+    def __init__(self, dataset: AugmentedTrainSet, generator: torch.Generator):
+        self.dataset = dataset
+        self.shuffle = RandomSampler(dataset, generator=generator)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter(self.shuffle)
+
+    def __len__(self) -> int:
+        return len(self.shuffle)
+
+
+class FeatureDataModule(L.LightningDataModule):
+    """Shuffled, seeded mini-batches of the training split; whole-split batches for evaluation.
+
+    With ``augmentation`` the training inputs are ``augmentation.features(epoch)`` (fresh each epoch,
+    :class:`AugmentedTrainSet`) instead of ``splits.x_train``; validation and test are never augmented.
+    Without it nothing changes: same loader, same draws from the torch generator.
+    """
+
+    def __init__(
+        self,
+        splits: FeatureSplits,
+        batch_size: int,
+        seed: int,
+        eval_batch_size: int = 1000,
+        augmentation: ShiftAugmentation | None = None,
+    ):
         super().__init__()
         self.splits = splits
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
+        if augmentation is not None and augmentation.n_features != splits.n_features:
+            raise DataError(
+                f"the augmentation's encoder makes {augmentation.n_features} features, the training split has "
+                f"{splits.n_features}: it is not the encoder these features were made with"
+            )
+        self.augmentation = augmentation
 
     def _dataset(self, split: str) -> TensorDataset:
         x = torch.from_numpy(getattr(self.splits, f"x_{split}"))
@@ -117,7 +228,12 @@ class FeatureDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self._dataset("train"), batch_size=self.batch_size, shuffle=True, generator=generator)
+        if self.augmentation is None:
+            return DataLoader(self._dataset("train"), batch_size=self.batch_size, shuffle=True, generator=generator)
+        dataset = AugmentedTrainSet(self.augmentation, self.splits.y_train)
+        # The loader's generator is the sampler's too, as in DataLoader(shuffle=True): the same draws.
+        sampler = EpochShuffle(dataset, generator)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, generator=generator)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._dataset("val"), batch_size=self.eval_batch_size)

@@ -13,7 +13,7 @@ import torch
 
 from bnn_core.cost import real_valued_cost
 from bnn_core.data_module import FeatureSplits, split_source
-from bnn_core.input_encoders import RealScaler
+from bnn_core.input_encoders import InputEncoder, RealScaler
 from bnn_core.lightning_modules import PretrainModule
 from bnn_core.networks import CompressedMLP, predict_classes
 from pipeline.artifacts import read_features
@@ -23,8 +23,12 @@ from pipeline.stage import StageContext, seed_everything, stage_main
 from pipeline.training import fit
 
 
-def train_real_valued(ctx: StageContext, splits: FeatureSplits) -> dict[str, float]:
-    """Round 1's training (:func:`pipeline.training.fit`) of the uncompressed network on ``splits``."""
+def train_real_valued(ctx: StageContext, splits: FeatureSplits, encoder: InputEncoder | None) -> dict[str, float]:
+    """Round 1's training (:func:`pipeline.training.fit`) of the uncompressed network on ``splits``.
+
+    ``encoder`` made ``splits`` from the raw pixels; with ``augment.shift > 0`` it re-encodes the shifted
+    training images (None: the binarize stage's encoder, artifact ``input_encoder``).
+    """
     model, optim = ctx.config.model, ctx.config.pretrain
     seed_everything(ctx.config)  # each baseline starts from the seed, as if it were the only one
     layer_sizes = [splits.n_features, *model.hidden, ctx.config.data.n_classes]
@@ -33,10 +37,12 @@ def train_real_valued(ctx: StageContext, splits: FeatureSplits) -> dict[str, flo
         list(model.hidden),
         ctx.config.data.n_classes,
         model.dropout_input,
-        model.dropout_hidden,
+        model.hidden_dropout_rates(),
         compress=False,
+        norm=model.norm,
     )
-    best = fit(ctx, PretrainModule(network, optim.lr, optim.epochs, optim.weight_decay), splits, optim, [])
+    module = PretrainModule(network, optim.lr, optim.epochs, optim.weight_decay, optim.schedule, optim.loss)
+    best = fit(ctx, module, splits, optim, [], encoder=encoder)
     network.eval()
     with torch.no_grad():
         predictions = predict_classes(network(torch.from_numpy(splits.x_test)))
@@ -49,11 +55,12 @@ def train_real_valued(ctx: StageContext, splits: FeatureSplits) -> dict[str, flo
 
 
 def run(ctx: StageContext) -> None:
-    data = ctx.config.data
-    raw = split_source(load_source(data), data.split.val, data.split.test, data.split.seed)
+    data, split = ctx.config.data, ctx.config.data.split
+    # the binarize stage's split exactly (pipeline/binarize.py), so both baselines see the same examples
+    raw = split_source(load_source(data), split.val, split.test, split.seed, folds=split.folds, fold=split.fold)
     rows = {
-        "real_input": train_real_valued(ctx, FeatureSplits.encode(raw, RealScaler())),
-        "binary_input": train_real_valued(ctx, read_features(ctx.artifacts.features)),
+        "real_input": train_real_valued(ctx, FeatureSplits.encode(raw, RealScaler()), RealScaler()),
+        "binary_input": train_real_valued(ctx, read_features(ctx.artifacts.features), None),
     }
     ctx.tracker.log_metrics({f"baselines/{name}_test_accuracy": row["test_accuracy"] for name, row in rows.items()})
     write_json(ctx.artifacts.baselines, rows)

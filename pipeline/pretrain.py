@@ -15,15 +15,25 @@ from pipeline.training import fit_round
 def run(ctx: StageContext) -> None:
     model, optim = ctx.config.model, ctx.config.pretrain
     splits = read_features(ctx.artifacts.features)
+    # The checkpoint's record of the network (pipeline.networks_io.load_compressed rebuilds it from this);
+    # dropout_hidden as configured: one rate, or one per hidden layer.
     architecture = {
         "n_in": splits.n_features,
         "hidden": list(model.hidden),
         "n_out": ctx.config.data.n_classes,
         "dropout_input": model.dropout_input,
         "dropout_hidden": model.dropout_hidden,
+        "norm": model.norm,
     }
-    network = CompressedMLP(**architecture)
-    module = PretrainModule(network, optim.lr, optim.epochs, optim.weight_decay)
+    network = CompressedMLP(
+        splits.n_features,
+        list(model.hidden),
+        ctx.config.data.n_classes,
+        model.dropout_input,
+        model.hidden_dropout_rates(),
+        norm=model.norm,
+    )
+    module = PretrainModule(network, optim.lr, optim.epochs, optim.weight_decay, optim.schedule, optim.loss)
     fit_round(ctx, module, splits, optim, ctx.artifacts.pretrained, architecture)
 
 

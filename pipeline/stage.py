@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import hydra
@@ -38,12 +39,18 @@ class StageContext:
     artifacts: Artifacts
     tracker: StageTracker
 
-    def trainer(self, epochs: int, callbacks: list[L.Callback]) -> L.Trainer:
+    def trainer(self, epochs: int, callbacks: list[L.Callback], max_minutes: float | None = None) -> L.Trainer:
         """One device; ``deterministic=True`` (on CUDA Lightning also sets ``CUBLAS_WORKSPACE_CONFIG``).
-        Checkpointing is on only when ``callbacks`` hold a ModelCheckpoint (Lightning refuses it otherwise)."""
+        Checkpointing is on only when ``callbacks`` hold a ModelCheckpoint (Lightning refuses it otherwise).
+
+        ``max_minutes``: a wall-clock budget as well (Lightning's ``max_time``, checked after every
+        training batch; it validates once more before it stops, so the partial epoch can still be the
+        best one). Whichever of the two budgets runs out first ends training; ``epochs`` stays the
+        horizon of the learning-rate schedule."""
         try:
             return L.Trainer(
                 max_epochs=epochs,
+                max_time=None if max_minutes is None else timedelta(minutes=max_minutes),
                 accelerator=self.config.trainer.accelerator,
                 devices=1,
                 logger=False,

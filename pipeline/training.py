@@ -5,10 +5,19 @@ Model selection is Lightning's :class:`~lightning.pytorch.callbacks.ModelCheckpo
 ``val/accuracy``, mode max, top 1, weights only; the first epoch of a tie wins): the test split is never
 looked at during training. Its checkpoints go to a temporary folder; what a stage keeps is the plain
 checkpoint of :func:`pipeline.artifacts.save_checkpoint`.
+
+Everything a round's config asks of the training loop is done here, so the stages only build a module:
+
+- the epoch budget ``optim.epochs`` and the time budget ``optim.max_minutes`` (whichever ends first;
+  the learning-rate schedule keeps ``epochs`` as its horizon, so a round cut short by the clock simply
+  stops part-way along it);
+- ``augment.shift``: the training images shifted at random and re-encoded each epoch
+  (:mod:`bnn_core.augment`), with the encoder the binarize stage fitted unless the caller passes one.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +27,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from bnn_core.augment import ShiftAugmentation
 from bnn_core.data_module import FeatureDataModule, FeatureSplits
+from bnn_core.errors import DataError, TrainingDivergedError
+from bnn_core.input_encoders import InputEncoder, encoder_from_dict
 from pipeline.artifacts import save_checkpoint
 from pipeline.config import OptimConfig
 from pipeline.files import write_text
@@ -30,21 +42,70 @@ from pipeline.tracking import EpochHistory
 class BestEpoch:
     epoch: int
     val_accuracy: float
+    # epochs begun (the last may be partial): fewer than optim.epochs when the time budget (optim.max_minutes)
+    # ended the round
+    epochs_run: int
+
+
+def read_input_encoder(path: Path) -> InputEncoder:
+    """The input encoder the binarize stage fitted (``data/input_encoder.json``)."""
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run the binarize stage first (dvc repro)")
+    try:
+        return encoder_from_dict(json.loads(path.read_text())["encoder"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: unreadable input encoder ({type(err).__name__}: {err})") from None
+
+
+def training_augmentation(
+    ctx: StageContext, splits: FeatureSplits, encoder: InputEncoder | None = None
+) -> ShiftAugmentation | None:
+    """The augmentation ``ctx.config.augment`` asks for, or None (``augment.shift = 0``).
+
+    ``encoder`` makes the features from the shifted pixels; None: the one the binarize stage fitted
+    (artifact ``input_encoder``), which made ``splits``. Old features files lack the raw training pixels
+    augmentation needs: that is an error only when augmentation is on.
+    """
+    shift = ctx.config.augment.shift
+    if shift == 0:
+        return None
+    if splits.pixels_train is None:
+        raise DataError(
+            f"augment.shift={shift} needs the raw training images, and {ctx.artifacts.features} was written "
+            "before the binarize stage kept them; run binarize again (dvc repro -f binarize) or set augment.shift=0"
+        )
+    if encoder is None:
+        encoder = read_input_encoder(ctx.artifacts.input_encoder)
+    return ShiftAugmentation(splits.pixels_train, encoder, shift, ctx.config.seed)
 
 
 def fit(
-    ctx: StageContext, module: L.LightningModule, splits: FeatureSplits, optim: OptimConfig, callbacks: list[L.Callback]
+    ctx: StageContext,
+    module: L.LightningModule,
+    splits: FeatureSplits,
+    optim: OptimConfig,
+    callbacks: list[L.Callback],
+    encoder: InputEncoder | None = None,
 ) -> BestEpoch:
-    """Train ``module`` for ``optim.epochs`` and load the weights of its best validation epoch into it."""
-    data = FeatureDataModule(splits, optim.batch_size, ctx.config.seed, ctx.config.evaluate.batch_size)
+    """Train ``module`` for ``optim.epochs`` (or until ``optim.max_minutes``) and load the weights of its
+    best validation epoch into it. ``encoder``: see :func:`training_augmentation` (used only with
+    ``augment.shift > 0``)."""
+    augmentation = training_augmentation(ctx, splits, encoder)
+    data = FeatureDataModule(splits, optim.batch_size, ctx.config.seed, ctx.config.evaluate.batch_size, augmentation)
     with tempfile.TemporaryDirectory(prefix="bnn-checkpoints-") as folder:
         best = ModelCheckpoint(
             dirpath=folder, filename="best", monitor="val/accuracy", mode="max", save_top_k=1, save_weights_only=True
         )
-        ctx.trainer(optim.epochs, [best, *callbacks]).fit(module, datamodule=data)
+        trainer = ctx.trainer(optim.epochs, [best, *callbacks], max_minutes=optim.max_minutes)
+        trainer.fit(module, datamodule=data)
+        if not best.best_model_path:  # Lightning validates before it stops, so this should not happen
+            raise TrainingDivergedError(f"{ctx.name}: training stopped before any validation epoch")
         checkpoint = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
     module.load_state_dict(checkpoint["state_dict"])
-    return BestEpoch(int(checkpoint["epoch"]), float(best.best_model_score))
+    epochs_run = trainer.current_epoch
+    if epochs_run < optim.epochs:
+        print(f"{ctx.name}: time budget of {optim.max_minutes} min reached after {epochs_run} of {optim.epochs} epochs")
+    return BestEpoch(int(checkpoint["epoch"]), float(best.best_model_score), epochs_run)
 
 
 def fit_round(
@@ -58,7 +119,13 @@ def fit_round(
     """:func:`fit`, then save the best epoch's network (``checkpoint_path``) and the round's curves."""
     history = EpochHistory(ctx.tracker, ctx.name)
     best = fit(ctx, module, splits, optim, [history])
-    ctx.tracker.log_metrics({f"{ctx.name}/best_val_accuracy": best.val_accuracy, f"{ctx.name}/best_epoch": best.epoch})
+    ctx.tracker.log_metrics(
+        {
+            f"{ctx.name}/best_val_accuracy": best.val_accuracy,
+            f"{ctx.name}/best_epoch": best.epoch,
+            f"{ctx.name}/epochs_run": best.epochs_run,
+        }
+    )
     write_text(ctx.artifacts.history(ctx.name), history.to_csv())
     save_checkpoint(
         checkpoint_path,

@@ -1,0 +1,180 @@
+"""The per-round training knobs: learning-rate schedule, loss, and wall-clock budget."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from bnn_core.data_module import FeatureSplits
+from bnn_core.errors import ConfigError
+from bnn_core.lightning_modules import LOSSES, SCHEDULES, PretrainModule, make_scheduler, squared_hinge
+from bnn_core.networks import CompressedMLP
+from pipeline import config as config_schema
+from pipeline.artifacts import Artifacts
+from pipeline.config import Config, PretrainConfig, TrainerConfig
+from pipeline.stage import StageContext
+from pipeline.training import fit
+
+LR = 0.01
+
+
+def tiny_splits(n_train: int = 40, n_features: int = 4, seed: int = 0) -> FeatureSplits:
+    rng = np.random.default_rng(seed)
+
+    def x(n: int) -> np.ndarray:
+        return np.where(rng.random((n, n_features)) > 0.5, 1.0, -1.0).astype(np.float32)
+
+    def y(n: int) -> np.ndarray:
+        return rng.integers(0, 2, n).astype(np.int64)
+
+    return FeatureSplits(
+        x(n_train), y(n_train), x(10), y(10), x(10), y(10), np.zeros((10, n_features), dtype=np.uint8)
+    )
+
+
+def tiny_module(epochs: int, schedule: str = "cosine", loss: str = "cross_entropy") -> PretrainModule:
+    torch.manual_seed(0)
+    return PretrainModule(CompressedMLP(4, [3], 2, 0.0, 0.0), LR, epochs, schedule=schedule, loss=loss)
+
+
+class LrRecorder(L.Callback):
+    """The learning rate each optimizer step uses, and the epoch it belongs to."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.steps.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+def lr_curve(schedule: str, epochs: int, n_train: int = 40, batch_size: int = 10) -> list[tuple[int, float]]:
+    """Train the tiny module with ``schedule`` and record the learning rate of every step."""
+    splits = tiny_splits(n_train)
+    data = torch.utils.data.TensorDataset(torch.from_numpy(splits.x_train), torch.from_numpy(splits.y_train))
+    recorder = LrRecorder()
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        callbacks=[recorder],
+    )
+    trainer.fit(tiny_module(epochs, schedule), torch.utils.data.DataLoader(data, batch_size=batch_size))
+    return recorder.steps
+
+
+def per_epoch(steps: list[tuple[int, float]]) -> dict[int, set[float]]:
+    epochs: dict[int, set[float]] = {}
+    for epoch, lr in steps:
+        epochs.setdefault(epoch, set()).add(lr)
+    return epochs
+
+
+def test_the_schedule_and_loss_names_agree_with_the_config_schema() -> None:
+    assert tuple(config_schema.SCHEDULES) == SCHEDULES
+    assert tuple(config_schema.LOSSES) == tuple(LOSSES)
+
+
+def test_constant_schedule_keeps_the_learning_rate() -> None:
+    steps = lr_curve("constant", epochs=3)
+    assert len(steps) == 12
+    assert {lr for _, lr in steps} == {LR}
+
+
+def test_cosine_schedule_anneals_per_epoch_over_the_epoch_budget() -> None:
+    epochs = 6
+    curve = per_epoch(lr_curve("cosine", epochs))
+    for epoch, lrs in curve.items():
+        assert len(lrs) == 1  # stepped once per epoch
+        assert lrs.pop() == pytest.approx(LR * (1 + math.cos(math.pi * epoch / epochs)) / 2, rel=1e-9)
+
+
+def test_step_schedule_divides_by_ten_at_one_half_and_three_quarters() -> None:
+    curve = per_epoch(lr_curve("step", epochs=8))
+    expected = [LR] * 4 + [LR * 0.1] * 2 + [LR * 0.01] * 2
+    assert [curve[e].pop() for e in range(8)] == pytest.approx(expected, rel=1e-9)
+
+
+def test_step_schedule_of_one_epoch_does_not_decay_before_training() -> None:
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    make_scheduler(optimizer, "step", epochs=1)
+    assert optimizer.param_groups[0]["lr"] == LR
+
+
+def test_onecycle_schedule_steps_per_batch_over_all_the_epochs() -> None:
+    epochs, steps_per_epoch = 5, 4  # 20 steps: the peak (30%) falls on step 5
+    steps = lr_curve("onecycle", epochs)
+    lrs = [lr for _, lr in steps]
+    assert len(lrs) == epochs * steps_per_epoch
+    assert len(set(lrs)) == len(lrs)  # a new rate every step
+    # torch's OneCycleLR defaults: from lr/25 up to lr (30% of the steps), down to lr/25/1e4 at the last step
+    assert lrs[0] == pytest.approx(LR / 25)
+    assert max(lrs) == pytest.approx(LR)
+    assert int(np.argmax(lrs)) == 5
+    assert lrs[-1] == pytest.approx(LR / 25 / 1e4)
+
+
+def test_onecycle_needs_the_number_of_steps() -> None:
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    with pytest.raises(ValueError, match="total_steps"):
+        make_scheduler(optimizer, "onecycle", epochs=3)
+
+
+def test_unknown_schedule_or_loss_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="schedule"):
+        tiny_module(2, schedule="linear")
+    with pytest.raises(ConfigError, match="loss"):
+        tiny_module(2, loss="hinge")
+
+
+def test_squared_hinge_matches_a_hand_computation() -> None:
+    scores = torch.tensor([[2.0, -0.5, 0.3], [0.0, 0.0, -2.0]])
+    labels = torch.tensor([0, 2])
+    # targets t = [+1, -1, -1] and [-1, -1, +1]; max(0, 1 - t s)^2:
+    #   row 0: 1 - 2 = -1 -> 0;  1 - 0.5 = 0.5 -> 0.25;  1 + 0.3 = 1.3 -> 1.69
+    #   row 1: 1 -> 1;           1 -> 1;                 1 + 2 = 3 -> 9
+    expected = (0.0 + 0.25 + 1.69 + 1.0 + 1.0 + 9.0) / 6
+    assert squared_hinge(scores, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert LOSSES["squared_hinge"] is squared_hinge
+
+
+def test_squared_hinge_is_zero_beyond_the_unit_margin_and_has_gradients() -> None:
+    scores = torch.tensor([[1.5, -1.0, -3.0]], requires_grad=True)
+    loss = squared_hinge(scores, torch.tensor([0]))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert scores.grad is not None and torch.all(scores.grad == 0)
+
+
+def test_cross_entropy_is_torchs_on_the_scaled_scores() -> None:
+    scores, labels = torch.randn(5, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 1, 0])
+    assert torch.equal(LOSSES["cross_entropy"](scores, labels), torch.nn.functional.cross_entropy(scores, labels))
+    assert tiny_module(1).loss_fn is LOSSES["cross_entropy"]
+    assert tiny_module(1, loss="squared_hinge").loss_fn is squared_hinge
+
+
+def stage_context(tmp_path: Path) -> StageContext:
+    config = Config(trainer=TrainerConfig(progress_bar=False))
+    return StageContext("pretrain", config, Artifacts(tmp_path), None)  # type: ignore[arg-type]
+
+
+def test_a_time_budget_stops_training_early_and_keeps_the_best_epoch(tmp_path: Path) -> None:
+    epochs = 50
+    optim = PretrainConfig(epochs=epochs, batch_size=1, max_minutes=0.001)  # 60 ms
+    best = fit(stage_context(tmp_path), tiny_module(epochs), tiny_splits(n_train=400), optim, [])
+    assert best.epochs_run < epochs
+    assert 0 <= best.epoch <= best.epochs_run
+    assert 0.0 <= best.val_accuracy <= 1.0
+
+
+def test_without_a_time_budget_every_epoch_runs(tmp_path: Path) -> None:
+    optim = PretrainConfig(epochs=3, batch_size=10)
+    best = fit(stage_context(tmp_path), tiny_module(3), tiny_splits(), optim, [])
+    assert best.epochs_run == 3
