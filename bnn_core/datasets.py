@@ -196,3 +196,40 @@ def stratified_split(labels: np.ndarray, sizes: list[int], seed: int) -> list[np
         for part, chunk in enumerate(np.split(members, np.cumsum(counts[ci])[:-1])):
             parts[part].append(chunk)
     return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def stratified_kfold(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """Partition indices ``0..len(labels)-1`` into ``folds`` disjoint folds, each with the class mix of the whole.
+
+    The examples are lined up class by class, each class in a seeded random order, and dealt out like
+    cards: the ``i``-th example of the line goes to fold ``i mod folds``. Every fold then holds
+    ``floor(n_c / folds)`` or ``ceil(n_c / folds)`` examples of class ``c``, and, because the count runs
+    on across classes, fold sizes differ by at most one overall (500 per class, 5 folds: 100 per class
+    per fold). Deterministic in ``seed``; the folds together cover every index exactly once.
+    """
+    n = len(labels)
+    if folds < 2 or folds > n:
+        raise DataError(f"cannot split {n} examples into {folds} folds (need 2 <= folds <= {n})")
+    rng = np.random.default_rng(seed)
+    line = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
+    return [np.sort(line[fold::folds]) for fold in range(folds)]
+
+
+def kfold_split(labels: np.ndarray, folds: int, fold: int, val_size: int, seed: int) -> list[np.ndarray]:
+    """``[train, val, test]`` indices for fold ``fold`` of a stratified ``folds``-fold cross-validation.
+
+    Test: fold ``fold`` of :func:`stratified_kfold`. Validation: ``val_size`` examples of the other
+    folds, a :func:`stratified_split` draw with the same seed. Training: what remains. Over
+    ``fold = 0..folds-1`` every example is tested exactly once.
+    """
+    if not 0 <= fold < folds:
+        raise DataError(f"fold {fold} is not one of 0..{folds - 1}")
+    test_idx = stratified_kfold(labels, folds, seed)[fold]
+    rest = np.setdiff1d(np.arange(len(labels)), test_idx)  # sorted
+    if len(rest) - val_size <= 0:
+        raise DataError(
+            f"data.split: a {len(test_idx)}-example test fold and {val_size} validation examples leave "
+            f"no training examples of {len(labels)}"
+        )
+    train_part, val_part = stratified_split(labels[rest], [len(rest) - val_size, val_size], seed)
+    return [rest[train_part], rest[val_part], test_idx]

@@ -15,9 +15,14 @@ from pipeline.stage import StageContext, stage_main
 
 def run(ctx: StageContext) -> None:
     data = ctx.config.data
-    raw = split_source(load_source(data), data.split.val, data.split.test, data.split.seed)
+    split = data.split
+    raw = split_source(load_source(data), split.val, split.test, split.seed, folds=split.folds, fold=split.fold)
     encoder = fit_input_encoder(
-        data.binarize.method, raw.train.pixels, threshold=data.binarize.threshold, bits=data.binarize.bits
+        data.binarize.method,
+        raw.train.pixels,
+        threshold=data.binarize.threshold,
+        bits=data.binarize.bits,
+        planes=data.binarize.planes,
     )
     splits = FeatureSplits.encode(raw, encoder)
     write_features(ctx.artifacts.features, splits)

@@ -4,7 +4,8 @@ networks side by side, with what each costs.
 Rows are plain dicts, the format of ``reports/comparison.json`` and ``reports/<data>/table1.json``:
 ``network`` (``real`` | ``compressed`` | ``bnn``), ``input`` (``real`` | ``binary``), ``encoding`` (how
 the input was made: ``pixels``, ``threshold``, ``lloyd_max_<bits>``), ``sparsity``, ``test_accuracy``,
-``test_error``, ``macs`` and ``mac_bits`` (32-bit or 1-bit multiply-accumulates per example),
+``test_error``, ``n_test`` (test examples) and ``test_accuracy_ci95`` (Wilson 95% interval, ``[low, high]``:
+:func:`bnn_core.stats.wilson_interval`), ``macs`` and ``mac_bits`` (32-bit or 1-bit multiply-accumulates per example),
 ``bit_ops`` and ``weight_bits``.
 
 Cost convention (README, "Cost accounting"): real-valued networks do 32-bit MACs, counted as
@@ -29,6 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bnn_core.errors import BnnError
+from bnn_core.stats import accuracy_interval, format_accuracy
 from pipeline.artifacts import Artifacts
 from pipeline.config import BinarizeConfig, Config, validate
 from pipeline.files import fail, write_json, write_text
@@ -44,7 +46,9 @@ def encoding_name(binarize: BinarizeConfig) -> str:
     return f"lloyd_max_{binarize.bits}" if binarize.method == "lloyd_max" else binarize.method
 
 
-def _row(network: str, input_kind: str, encoding: str, sparsity: float, accuracy: float, **cost: int) -> dict:
+def _row(
+    network: str, input_kind: str, encoding: str, sparsity: float, accuracy: float, n_test: int, **cost: int
+) -> dict:
     return {
         "network": network,
         "input": input_kind,
@@ -52,8 +56,16 @@ def _row(network: str, input_kind: str, encoding: str, sparsity: float, accuracy
         "sparsity": sparsity,
         "test_accuracy": accuracy,
         "test_error": 1.0 - accuracy,
+        "n_test": n_test,
+        "test_accuracy_ci95": list(accuracy_interval(accuracy, n_test)),
         **cost,
     }
+
+
+def _n_test(net: dict, metrics: dict) -> int:
+    """The test examples a network was scored on: its own ``n_test`` where its stage wrote one, else the
+    chain's (every network of one chain is scored on the same test split)."""
+    return int(net.get("n_test", metrics["n_test"]))
 
 
 def real_valued_rows(metrics: dict, baselines: dict, encoding: str) -> list[dict]:
@@ -74,9 +86,17 @@ def real_valued_rows(metrics: dict, baselines: dict, encoding: str) -> list[dict
 
     pixels, binary, compressed = baselines["real_input"], baselines["binary_input"], metrics["compressed"]
     return [
-        _row("real", "real", "pixels", 0.0, pixels["test_accuracy"], **cost(pixels)),
-        _row("real", "binary", encoding, 0.0, binary["test_accuracy"], **cost(binary)),
-        _row("compressed", "binary", encoding, 0.0, compressed["test_accuracy"], **cost(compressed)),
+        _row("real", "real", "pixels", 0.0, pixels["test_accuracy"], _n_test(pixels, metrics), **cost(pixels)),
+        _row("real", "binary", encoding, 0.0, binary["test_accuracy"], _n_test(binary, metrics), **cost(binary)),
+        _row(
+            "compressed",
+            "binary",
+            encoding,
+            0.0,
+            compressed["test_accuracy"],
+            _n_test(compressed, metrics),
+            **cost(compressed),
+        ),
     ]
 
 
@@ -89,6 +109,7 @@ def bitwise_row(metrics: dict, encoding: str) -> dict:
         encoding,
         bnn["sparsity"],
         bnn["test_accuracy"],
+        _n_test(bnn, metrics),
         macs=macs,
         mac_bits=1,
         bit_ops=macs,
@@ -101,10 +122,18 @@ def comparison_rows(metrics: dict, baselines: dict, encoding: str) -> list[dict]
     return [*real_valued_rows(metrics, baselines, encoding), bitwise_row(metrics, encoding)]
 
 
+def accuracy_cell(row: dict) -> str:
+    """``95.20% (93.0-96.7)``: test accuracy and its Wilson 95% interval (the accuracy alone for rows
+    written before the interval was)."""
+    if "test_accuracy_ci95" not in row:
+        return f"{100 * row['test_accuracy']:.2f}%"
+    return format_accuracy(row["test_accuracy"], row["test_accuracy_ci95"])
+
+
 def render_rows(rows: list[dict]) -> list[str]:
-    """Markdown table lines, test error as in the paper."""
+    """Markdown table lines, test error as in the paper, test accuracy with its 95% interval."""
     lines = [
-        "| network | input | sparsity | test error | test accuracy | MACs / example | bit-ops / example "
+        "| network | input | sparsity | test error | test accuracy (95% CI) | MACs / example | bit-ops / example "
         "| weight bits |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -113,7 +142,7 @@ def render_rows(rows: list[dict]) -> list[str]:
         sparsity = f"{row['sparsity']:.2f}" if row["network"] == "bnn" else "-"
         lines.append(
             f"| {row['network']} | {input_kind} | {sparsity} | {100 * row['test_error']:.2f}% | "
-            f"{100 * row['test_accuracy']:.2f}% | {row['macs']:,} x {row['mac_bits']}-bit | {row['bit_ops']:,} | "
+            f"{accuracy_cell(row)} | {row['macs']:,} x {row['mac_bits']}-bit | {row['bit_ops']:,} | "
             f"{row['weight_bits']:,} |"
         )
     return lines
@@ -122,14 +151,16 @@ def render_rows(rows: list[dict]) -> list[str]:
 # --- Table 1 of one data source, from a sweep over finetune.sparsity ------------------------------------
 
 
-def _job_config(job_dir: Path) -> Config:
+def job_config(job_dir: Path) -> Config:
+    """The validated config a sweep job ran with (Hydra writes it to ``<job>/.hydra/config.yaml``)."""
     path = job_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         raise BnnError(f"{job_dir}: no .hydra/config.yaml; is this a job folder of a pipeline.run sweep?")
     return validate(OmegaConf.load(path))
 
 
-def _read_json(path: Path) -> Any:
+def read_job_json(path: Path) -> Any:
+    """A JSON output of a sweep job; :class:`BnnError` saying what to do when it is missing."""
     if not path.is_file():
         hint = "the sweep's jobs need chain.baselines=true" if path.name == "baselines.json" else "did the job finish?"
         raise BnnError(f"{path}: not found; {hint}")
@@ -152,7 +183,7 @@ def table1_rows(job_dirs: list[Path]) -> tuple[list[dict], Config, int]:
     """
     if not job_dirs:
         raise BnnError("paper_table1: the sweep has no job folders")
-    configs = [_job_config(job) for job in job_dirs]
+    configs = [job_config(job) for job in job_dirs]
     first = _shared_settings(configs[0])
     for job, config in zip(job_dirs[1:], configs[1:], strict=True):
         if _shared_settings(config) != first:
@@ -163,8 +194,8 @@ def table1_rows(job_dirs: list[Path]) -> tuple[list[dict], Config, int]:
 
     encoding = encoding_name(configs[0].data.binarize)
     jobs = sorted(zip(sparsities, job_dirs, strict=True))
-    metrics = [_read_json(Artifacts(job).metrics) for _, job in jobs]
-    rows = real_valued_rows(metrics[0], _read_json(Artifacts(jobs[0][1]).baselines), encoding)
+    metrics = [read_job_json(Artifacts(job).metrics) for _, job in jobs]
+    rows = real_valued_rows(metrics[0], read_job_json(Artifacts(jobs[0][1]).baselines), encoding)
     for (sparsity, job), job_metrics in zip(jobs, metrics, strict=True):
         if job_metrics["bnn"]["sparsity"] != sparsity:
             raise BnnError(f"{job}: metrics.json is for sparsity {job_metrics['bnn']['sparsity']}, not {sparsity}")
@@ -189,11 +220,13 @@ def render_table1(rows: list[dict], config: Config, n_test: int, wall_time_s: fl
             "",
             f"Hidden layers {hidden}; {config.pretrain.epochs} epochs of round 1 (and of each real-valued "
             f"baseline), {config.finetune.epochs} of round 2 (`{config.finetune.grad}` gradient, lr "
-            f"{config.finetune.lr:g}); seed {config.seed}; {n_test:,} test examples.",
+            f"{config.finetune.lr:g}); seed {config.seed}; {n_test:,} test examples. In brackets: the Wilson 95% "
+            "interval of each test accuracy (`bnn_core.stats`); differences well inside it are noise of the "
+            "test sample.",
             "",
-            f"Bitwise network at sparsity {bnn['sparsity']:.2f}: {100 * bnn['test_accuracy']:.2f}% test accuracy, "
+            f"Bitwise network at sparsity {bnn['sparsity']:.2f}: {accuracy_cell(bnn)} test accuracy, "
             f"{behind} the real-valued network on the same binary inputs "
-            f"({100 * real_binary['test_accuracy']:.2f}%).",
+            f"({accuracy_cell(real_binary)}).",
             "",
         ]
     )

@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt
 
-from pipeline.comparison import comparison_rows, encoding_name, render_rows
+from pipeline.comparison import accuracy_cell, comparison_rows, encoding_name, render_rows
 from pipeline.files import atomic_path, write_json, write_text
 from pipeline.stage import StageContext, stage_main
 
@@ -38,15 +38,17 @@ def row_label(row: dict) -> str:
 
 def plot_tradeoff(rows: list[dict], path: Path) -> None:
     """Test accuracy against bit-ops per example (log axis: the networks are ~1000x apart), one labelled
-    point per row of the comparison."""
+    point per row of the comparison, its Wilson 95% interval as an error bar."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
-        ax.scatter([row["bit_ops"]], [row["test_accuracy"]], s=40, zorder=3)
+        low, high = row.get("test_accuracy_ci95", (row["test_accuracy"], row["test_accuracy"]))
+        yerr = [[row["test_accuracy"] - low], [high - row["test_accuracy"]]]
+        ax.errorbar([row["bit_ops"]], [row["test_accuracy"]], yerr=yerr, fmt="o", ms=6, capsize=3, zorder=3)
         ax.annotate(row_label(row), (row["bit_ops"], row["test_accuracy"]), textcoords="offset points", xytext=(6, 4))
     ax.set_xscale("log")
     ax.margins(x=0.3, y=0.25)
     ax.set_xlabel("bit-ops per example (32-bit MAC = 1024, XNOR-popcount = 1)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy (Wilson 95% interval)")
     ax.grid(alpha=0.3)
     _save_png(fig, path)
 
@@ -73,6 +75,8 @@ def plot_curves(histories: dict[str, dict[str, list[float]]], path: Path) -> Non
 
 def render(rows: list[dict], metrics: dict) -> str:
     bnn, compressed = metrics["bnn"], metrics["compressed"]
+    bnn_row = next(row for row in rows if row["network"] == "bnn")
+    compressed_row = next(row for row in rows if row["network"] == "compressed")
     return "\n".join(
         [
             "# Bitwise neural network: report",
@@ -81,8 +85,13 @@ def render(rows: list[dict], metrics: dict) -> str:
             "",
             *render_rows(rows),
             "",
+            f"Test accuracy in brackets: its Wilson 95% interval on the {metrics['n_test']:,} test examples "
+            "(`bnn_core.stats.wilson_interval`); accuracies whose difference is well inside it are not told "
+            "apart by this test set.",
+            "",
             f"Bitwise vs. its tanh-compressed twin: {100 * (bnn['test_accuracy'] - compressed['test_accuracy']):+.2f} "
-            f"points of test accuracy, {metrics['ratios']['weight_bits']:.1f}x less weight memory, "
+            f"points of test accuracy ({accuracy_cell(bnn_row)} vs. {accuracy_cell(compressed_row)}), "
+            f"{metrics['ratios']['weight_bits']:.1f}x less weight memory, "
             f"{rows[2]['bit_ops'] / rows[3]['bit_ops']:.0f}x fewer bit-ops; exported model file "
             f"{bnn['model_file_bytes']:,} bytes; the exported file and the packed engine give the simulation's "
             f"integer scores on all {metrics['n_test']} test examples.",

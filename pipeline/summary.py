@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from bnn_core.stats import accuracy_interval, format_accuracy
 from pipeline.artifacts import Artifacts
 
 
@@ -13,11 +14,18 @@ def summary(root: Path) -> str:
     artifacts = Artifacts(root)
     metrics = json.loads(artifacts.metrics.read_text())
     bnn, compressed, ratios = metrics["bnn"], metrics["compressed"], metrics["ratios"]
+    n_test = int(metrics["n_test"])
+
+    def accuracy(net: dict) -> str:
+        n = int(net.get("n_test", n_test))
+        return format_accuracy(net["test_accuracy"], accuracy_interval(net["test_accuracy"], n))
+
     return "\n".join(
         [
-            f"real-valued (tanh-compressed) network: {100 * compressed['test_accuracy']:.2f}% test accuracy",
-            f"bitwise network:                      {100 * bnn['test_accuracy']:.2f}% test accuracy "
+            f"real-valued (tanh-compressed) network: {accuracy(compressed)} test accuracy",
+            f"bitwise network:                      {accuracy(bnn)} test accuracy "
             f"(sparsity {bnn['sparsity']}; the exported file reproduces the training-time scores exactly)",
+            f"in brackets: Wilson 95% interval on {n_test:,} test examples",
             f"cost: {bnn['binary_macs_per_example']:,} binary MACs vs {compressed['macs_per_example']:,} 32-bit MACs "
             "per example; "
             f"{ratios['weight_bits']:.1f}x less weight memory; model file {bnn['model_file_bytes']:,} bytes",

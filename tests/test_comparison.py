@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from bnn_core.errors import BnnError
-from pipeline.comparison import table1_rows, write_table1
+from bnn_core.stats import wilson_interval
+from pipeline.comparison import comparison_rows, table1_rows, write_table1
 from tests.conftest import ROOT, run
 
 REAL_MACS, REAL_BITS = 1000, 32_000
@@ -72,6 +73,10 @@ def test_rows_follow_the_papers_table_with_a_sparsity_column(tmp_path):
     assert [r["encoding"] for r in rows] == ["pixels", "threshold", "threshold", "threshold", "threshold"]
     assert [r["test_accuracy"] for r in rows] == [0.95, 0.93, 0.91, 0.92, 0.90]
     assert all(r["test_error"] == pytest.approx(1 - r["test_accuracy"]) for r in rows)
+    # every accuracy carries its Wilson 95% interval on the 500 test examples
+    assert all(r["n_test"] == 500 for r in rows)
+    assert rows[3]["test_accuracy_ci95"] == pytest.approx(wilson_interval(460, 500))
+    assert all(r["test_accuracy_ci95"][0] < r["test_accuracy"] < r["test_accuracy_ci95"][1] for r in rows)
     for real, macs in zip(rows[:3], (PIXEL_MACS, REAL_MACS, REAL_MACS), strict=True):  # 32 x 32 bit-ops / MAC
         cost = (real["macs"], real["mac_bits"], real["bit_ops"], real["weight_bits"])
         assert cost == (macs, 32, macs * 1024, 32 * macs)
@@ -96,9 +101,28 @@ def test_table_files_land_under_reports_of_the_data_source(tmp_path):
     assert json.loads((folder / "table1.json").read_text()) == rows
     markdown = (folder / "table1.md").read_text()
     assert "`python -m pipeline.run experiment=paper_table1`: 2.1 min wall time" in markdown
-    assert "| bnn | binary (threshold) | 0.75 | 12.00% | 88.00% | 250 x 1-bit | 250 | 500 |" in markdown
-    assert "| real | real (pixels) | - | 5.00% | 95.00% | 600 x 32-bit | 614,400 | 19,200 |" in markdown
-    assert "1.00 points behind the real-valued network on the same binary inputs (93.00%)" in markdown
+    assert "| test error | test accuracy (95% CI) |" in markdown
+    assert "| bnn | binary (threshold) | 0.75 | 12.00% | 88.00% (84.9-90.6) | 250 x 1-bit | 250 | 500 |" in markdown
+    assert "| real | real (pixels) | - | 5.00% | 95.00% (92.7-96.6) | 600 x 32-bit | 614,400 | 19,200 |" in markdown
+    assert "Bitwise network at sparsity 0.00: 92.00% (89.3-94.1) test accuracy" in markdown
+    assert "1.00 points behind the real-valued network on the same binary inputs (93.00% (90.4-94.9))" in markdown
+
+
+def test_a_network_scored_on_its_own_number_of_examples_gets_its_own_interval():
+    # baselines.json rows and metrics.json networks may carry n_test; without it, the chain's n_test
+    metrics = {
+        "compressed": {"test_accuracy": 0.9, "macs_per_example": 10, "weight_bits": 320, "n_test": 1000},
+        "bnn": {"test_accuracy": 0.9, "binary_macs_per_example": 10, "weight_bits": 10, "sparsity": 0.0},
+        "n_test": 500,
+    }
+    baselines = {
+        "real_input": {"test_accuracy": 0.9, "macs_per_example": 10, "weight_bits": 320, "n_test": 100},
+        "binary_input": {"test_accuracy": 0.9, "macs_per_example": 10, "weight_bits": 320},
+    }
+    rows = comparison_rows(metrics, baselines, "threshold")
+    assert [r["n_test"] for r in rows] == [100, 500, 1000, 500]
+    for row in rows:
+        assert row["test_accuracy_ci95"] == pytest.approx(wilson_interval(round(0.9 * row["n_test"]), row["n_test"]))
 
 
 @pytest.mark.parametrize(
@@ -174,3 +198,20 @@ def test_paper_table1_sweep_writes_the_table_and_logs_every_row(project_copy):
         assert metrics["table1/bit_ops"] == expected["bit_ops"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "table1")}
     assert artifacts == {"table1/table1.json", "table1/table1.md"}
+
+
+def test_the_repro_summary_gives_each_accuracy_its_interval(tmp_path):
+    from pipeline.summary import summary
+
+    metrics = {
+        "bnn": {"test_accuracy": 0.952, "sparsity": 0.0, "binary_macs_per_example": 10, "model_file_bytes": 99},
+        "compressed": {"test_accuracy": 0.946, "macs_per_example": 10},
+        "ratios": {"weight_bits": 32.0},
+        "n_test": 500,
+    }
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "metrics.json").write_text(json.dumps(metrics))
+    text = summary(tmp_path)
+    assert "network: 94.60% (92.3-96.3) test accuracy" in text
+    assert "bitwise network:                      95.20% (93.0-96.8) test accuracy" in text
+    assert "Wilson 95% interval on 500 test examples" in text
