@@ -41,6 +41,7 @@ class BinarizeConfig:
     method: str = "threshold"
     threshold: int = 127
     bits: int = 2
+    planes: int = 3
 
     def __post_init__(self) -> None:
         _require(
@@ -48,6 +49,7 @@ class BinarizeConfig:
         )
         _require(0 <= self.threshold <= 254, "data.binarize.threshold", "must be in 0..254", self.threshold)
         _require(1 <= self.bits <= 8, "data.binarize.bits", "must be in 1..8", self.bits)
+        _require(1 <= self.planes <= 15, "data.binarize.planes", "must be in 1..15", self.planes)
 
 
 @dataclass
