@@ -2,7 +2,8 @@
 networks side by side, with what each costs.
 
 Rows are plain dicts, the format of ``reports/comparison.json`` and ``reports/<data>/table1.json``:
-``network`` (``real`` | ``compressed`` | ``bnn``), ``input`` (``real`` | ``binary``), ``encoding`` (how
+``network`` (``real`` | ``compressed`` | ``bnn``, and ``real_bn`` | ``compressed_bn`` | ``bnn_bn`` for the
+integer-threshold network's chain, ``model.norm=batchnorm``), ``input`` (``real`` | ``binary``), ``encoding`` (how
 the input was made: ``pixels``, ``threshold``, ``lloyd_max_<bits>``), ``sparsity``, ``test_accuracy``,
 ``test_error``, ``n_test`` (test examples) and ``test_accuracy_ci95`` (Wilson 95% interval, ``[low, high]``:
 :func:`bnn_core.stats.wilson_interval`), ``macs`` and ``mac_bits`` (32-bit or 1-bit multiply-accumulates per example),
@@ -12,9 +13,9 @@ Cost convention (README, "Cost accounting"): real-valued networks do 32-bit MACs
 32 x 32 = 1024 bit operations each (QONNX BOPs); the bitwise network does one XNOR-popcount bit
 operation per nonzero weight and per bias (where this departs from QONNX's tool: docs/method.md, section 7).
 
-``experiment=paper_table1`` sweeps ``finetune.sparsity`` with the baselines stage added to every job;
-when the sweep ends, :class:`Table1Writer` collects the jobs' outputs into ``reports/<data>/table1.json``
-and ``table1.md`` and logs one MLflow run per row.
+``experiment=paper_table1`` sweeps the network (``+network=bnn,bnn_bn``) and ``finetune.sparsity`` with the
+baselines stage added to every job; when the sweep ends, :class:`Table1Writer` collects the jobs' outputs
+into ``reports/<data>/table1.json`` and ``table1.md`` and logs one MLflow run per row.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ from pipeline.config import BinarizeConfig, Config, validate
 from pipeline.files import fail, write_json, write_text
 
 FLOAT_MAC_BITS = 32
-#: The config sections a table's jobs must share: only ``finetune.sparsity`` may differ between them.
-SHARED_SECTIONS = ("seed", "data", "model", "pretrain")
-SHARED_FINETUNE_KEYS = ("grad", "init", "epochs", "batch_size", "lr", "weight_decay")
+#: The config sections the jobs of one network must share: only ``finetune.sparsity`` may differ.
+SHARED_SECTIONS = ("seed", "data", "model", "augment", "pretrain")
+SHARED_FINETUNE_KEYS = ("grad", "init", "epochs", "batch_size", "lr", "weight_decay", "schedule", "loss", "max_minutes")
+#: What every job of a table shares, whichever network it trains: the data, the seed, the widths.
+SHARED_ACROSS_NETWORKS = ("seed", "data", "augment")
 
 
 def encoding_name(binarize: BinarizeConfig) -> str:
@@ -68,12 +71,19 @@ def _n_test(net: dict, metrics: dict) -> int:
     return int(net.get("n_test", metrics["n_test"]))
 
 
+def _network_suffix(metrics: dict) -> str:
+    """``_bn`` for the chain of the integer-threshold network (its real-valued twins have batch norm too)."""
+    return "_bn" if metrics["bnn"].get("network", "bnn") == "bnn_bn" else ""
+
+
 def real_valued_rows(metrics: dict, baselines: dict, encoding: str) -> list[dict]:
     """The three 32-bit rows: real-valued on pixels, real-valued on the binary features, tanh-compressed.
 
     Each costs what its own layer sizes say: with Lloyd-Max bit-planes the networks on binary features
-    have more inputs than the one on pixels.
+    have more inputs than the one on pixels. In the ``bnn_bn`` chain they are ``real_bn`` and
+    ``compressed_bn``: the same networks with batch norm before each hidden activation.
     """
+    suffix = _network_suffix(metrics)
 
     def cost(net: dict) -> dict[str, int]:
         macs = net["macs_per_example"]
@@ -86,10 +96,12 @@ def real_valued_rows(metrics: dict, baselines: dict, encoding: str) -> list[dict
 
     pixels, binary, compressed = baselines["real_input"], baselines["binary_input"], metrics["compressed"]
     return [
-        _row("real", "real", "pixels", 0.0, pixels["test_accuracy"], _n_test(pixels, metrics), **cost(pixels)),
-        _row("real", "binary", encoding, 0.0, binary["test_accuracy"], _n_test(binary, metrics), **cost(binary)),
+        _row(f"real{suffix}", "real", "pixels", 0.0, pixels["test_accuracy"], _n_test(pixels, metrics), **cost(pixels)),
         _row(
-            "compressed",
+            f"real{suffix}", "binary", encoding, 0.0, binary["test_accuracy"], _n_test(binary, metrics), **cost(binary)
+        ),
+        _row(
+            f"compressed{suffix}",
             "binary",
             encoding,
             0.0,
@@ -104,7 +116,7 @@ def bitwise_row(metrics: dict, encoding: str) -> dict:
     bnn = metrics["bnn"]
     macs = bnn["binary_macs_per_example"]
     return _row(
-        "bnn",
+        bnn.get("network", "bnn"),
         "binary",
         encoding,
         bnn["sparsity"],
@@ -139,7 +151,7 @@ def render_rows(rows: list[dict]) -> list[str]:
     ]
     for row in rows:
         input_kind = "real (pixels)" if row["input"] == "real" else f"binary ({row['encoding']})"
-        sparsity = f"{row['sparsity']:.2f}" if row["network"] == "bnn" else "-"
+        sparsity = f"{row['sparsity']:.2f}" if row["network"].startswith("bnn") else "-"
         lines.append(
             f"| {row['network']} | {input_kind} | {sparsity} | {100 * row['test_error']:.2f}% | "
             f"{accuracy_cell(row)} | {row['macs']:,} x {row['mac_bits']}-bit | {row['bit_ops']:,} | "
@@ -174,16 +186,9 @@ def _shared_settings(config: Config) -> dict:
     return shared
 
 
-def table1_rows(job_dirs: list[Path]) -> tuple[list[dict], Config, int]:
-    """The table's rows from a sweep's job folders (one per sparsity), the config they share, and the
-    number of test examples.
-
-    Raises :class:`BnnError` when a job's outputs are missing, when the jobs differ in anything but
-    ``finetune.sparsity`` (their rows would not be comparable), or when two jobs have the same sparsity.
-    """
-    if not job_dirs:
-        raise BnnError("paper_table1: the sweep has no job folders")
-    configs = [job_config(job) for job in job_dirs]
+def _network_rows(job_dirs: list[Path], configs: list[Config], encoding: str) -> tuple[list[dict], int]:
+    """One network's rows (jobs that differ only in ``finetune.sparsity``): its real-valued twins from the
+    first job's baselines, then one bitwise row per sparsity, and the number of test examples."""
     first = _shared_settings(configs[0])
     for job, config in zip(job_dirs[1:], configs[1:], strict=True):
         if _shared_settings(config) != first:
@@ -191,8 +196,6 @@ def table1_rows(job_dirs: list[Path]) -> tuple[list[dict], Config, int]:
     sparsities = [config.finetune.sparsity for config in configs]
     if len(set(sparsities)) != len(sparsities):
         raise BnnError(f"paper_table1: finetune.sparsity values repeat across jobs: {sparsities}")
-
-    encoding = encoding_name(configs[0].data.binarize)
     jobs = sorted(zip(sparsities, job_dirs, strict=True))
     metrics = [read_job_json(Artifacts(job).metrics) for _, job in jobs]
     rows = real_valued_rows(metrics[0], read_job_json(Artifacts(jobs[0][1]).baselines), encoding)
@@ -200,16 +203,64 @@ def table1_rows(job_dirs: list[Path]) -> tuple[list[dict], Config, int]:
         if job_metrics["bnn"]["sparsity"] != sparsity:
             raise BnnError(f"{job}: metrics.json is for sparsity {job_metrics['bnn']['sparsity']}, not {sparsity}")
         rows.append(bitwise_row(job_metrics, encoding))
-    return rows, configs[0], metrics[0]["n_test"]
+    return rows, metrics[0]["n_test"]
 
 
-def render_table1(rows: list[dict], config: Config, n_test: int, wall_time_s: float | None, command: str) -> str:
-    bnn = next(r for r in rows if r["network"] == "bnn" and r["sparsity"] == config.finetune.sparsity)
-    real_binary = next(r for r in rows if r["network"] == "real" and r["input"] == "binary")
-    gap = 100 * (real_binary["test_accuracy"] - bnn["test_accuracy"])
-    behind = f"{gap:.2f} points behind" if gap >= 0 else f"{-gap:.2f} points ahead of"
+def table1_rows(job_dirs: list[Path]) -> tuple[list[dict], list[Config], int]:
+    """The table's rows from a sweep's job folders, one config per network (the paper's first, then
+    ``bnn_bn``), and the number of test examples.
+
+    Jobs are grouped by network (``model.norm``). Raises :class:`BnnError` when a job's outputs are
+    missing, when the jobs of one network differ in anything but ``finetune.sparsity``, when networks
+    differ in data, seed or augmentation (their rows would not be comparable), or when a sparsity repeats.
+    """
+    if not job_dirs:
+        raise BnnError("paper_table1: the sweep has no job folders")
+    configs = [job_config(job) for job in job_dirs]
+    shared = {key: asdict(configs[0])[key] for key in SHARED_ACROSS_NETWORKS}
+    for job, config in zip(job_dirs, configs, strict=True):
+        if {key: asdict(config)[key] for key in SHARED_ACROSS_NETWORKS} != shared:
+            raise BnnError(f"{job}: its data, seed or augmentation differ from job {job_dirs[0].name}")
+    encoding = encoding_name(configs[0].data.binarize)
+    rows: list[dict] = []
+    network_configs: list[Config] = []
+    n_test = 0
+    for norm in ("none", "batchnorm"):
+        group = [(job, config) for job, config in zip(job_dirs, configs, strict=True) if config.model.norm == norm]
+        if group:
+            group_rows, n_test = _network_rows([job for job, _ in group], [config for _, config in group], encoding)
+            rows += group_rows
+            network_configs.append(group[0][1])
+    return rows, network_configs, n_test
+
+
+def _recipe(config: Config) -> str:
+    """One line: how a network of the table was trained."""
     hidden = "x".join(str(h) for h in config.model.hidden)
+    pre, fine = config.pretrain, config.finetune
+    start = "from round 1" if fine.init == "pretrained" else "from random weights"
+    return (
+        f"`{config.model.network}`: hidden layers {hidden}, norm {config.model.norm}; round 1 (and each "
+        f"real-valued twin) {pre.epochs} epochs, {pre.schedule} lr {pre.lr:g}, {pre.loss}; round 2 {start}, "
+        f"{fine.epochs} epochs, `{fine.grad}` gradient, {fine.schedule} lr {fine.lr:g}, {fine.loss}."
+    )
+
+
+def render_table1(rows: list[dict], configs: list[Config], n_test: int, wall_time_s: float | None, command: str) -> str:
+    config = configs[0]
     timing = f"{wall_time_s / 60:.1f} min wall time" if wall_time_s is not None else "wall time not measured"
+    summaries = []
+    for network in dict.fromkeys(r["network"] for r in rows if r["network"].startswith("bnn")):
+        suffix = network[len("bnn") :]
+        bnn = min((r for r in rows if r["network"] == network), key=lambda r: r["sparsity"])
+        real_binary = next(r for r in rows if r["network"] == f"real{suffix}" and r["input"] == "binary")
+        gap = 100 * (real_binary["test_accuracy"] - bnn["test_accuracy"])
+        behind = f"{gap:.2f} points behind" if gap >= 0 else f"{-gap:.2f} points ahead of"
+        summaries.append(
+            f"`{network}` at sparsity {bnn['sparsity']:.2f}: {accuracy_cell(bnn)} test accuracy, {behind} the "
+            f"real-valued network on the same binary inputs (`real{suffix}`, {accuracy_cell(real_binary)})."
+        )
+    augment = f"random shifts up to {config.augment.shift} px" if config.augment.shift else "no augmentation"
     return "\n".join(
         [
             f"# Table 1 on {config.data.source}",
@@ -218,15 +269,12 @@ def render_table1(rows: list[dict], config: Config, n_test: int, wall_time_s: fl
             "",
             *render_rows(rows),
             "",
-            f"Hidden layers {hidden}; {config.pretrain.epochs} epochs of round 1 (and of each real-valued "
-            f"baseline), {config.finetune.epochs} of round 2 (`{config.finetune.grad}` gradient, lr "
-            f"{config.finetune.lr:g}); seed {config.seed}; {n_test:,} test examples. In brackets: the Wilson 95% "
-            "interval of each test accuracy (`bnn_core.stats`); differences well inside it are noise of the "
-            "test sample.",
+            *(f"- {_recipe(c)}" for c in configs),
             "",
-            f"Bitwise network at sparsity {bnn['sparsity']:.2f}: {accuracy_cell(bnn)} test accuracy, "
-            f"{behind} the real-valued network on the same binary inputs "
-            f"({accuracy_cell(real_binary)}).",
+            f"Seed {config.seed}; {augment}; {n_test:,} test examples. In brackets: the Wilson 95% interval of "
+            "each test accuracy (`bnn_core.stats`); differences well inside it are noise of the test sample.",
+            "",
+            *summaries,
             "",
         ]
     )
@@ -234,10 +282,10 @@ def render_table1(rows: list[dict], config: Config, n_test: int, wall_time_s: fl
 
 def write_table1(root: Path, job_dirs: list[Path], wall_time_s: float | None, command: str) -> tuple[Path, list[dict]]:
     """Write ``<root>/reports/<data.source>/table1.json`` and ``table1.md``; return the folder and rows."""
-    rows, config, n_test = table1_rows(job_dirs)
-    folder = Artifacts(root).table1_dir(config.data.source)
+    rows, configs, n_test = table1_rows(job_dirs)
+    folder = Artifacts(root).table1_dir(configs[0].data.source)
     write_json(folder / "table1.json", rows)
-    write_text(folder / "table1.md", render_table1(rows, config, n_test, wall_time_s, command))
+    write_text(folder / "table1.md", render_table1(rows, configs, n_test, wall_time_s, command))
     return folder, rows
 
 

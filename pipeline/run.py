@@ -37,6 +37,7 @@ from pipeline.artifacts import Artifacts, link_artifacts
 from pipeline.config import CONF_DIR, Config, flatten, validate
 from pipeline.evaluate import log_evaluation
 from pipeline.files import fail, write_json
+from pipeline.pareto import objectives
 from pipeline.sources import source_fingerprint
 from pipeline.stage import StageContext, make_tracker, run_stage
 from pipeline.stages import REPO_ROOT, STAGES, Stage, code_deps, producers
@@ -133,11 +134,18 @@ def _link_tree(source: Path, dest: Path) -> None:
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> tuple[float, float]:
+    """Run the chain in the job's folder; return ``(validation accuracy, bit-ops per example)`` of its
+    bitwise network (:func:`pipeline.pareto.objectives`).
+
+    The return value is what Hydra's Optuna sweeper optimises (``experiment=pareto_search``); a single
+    run and the other sweepers ignore it.
+    """
     try:
         job_dir = Path(HydraConfig.get().runtime.output_dir)
         run_chain(cfg, job_dir, Artifacts(project_root()).stage_cache)
         print(f"pipeline: outputs in {job_dir}")
+        return objectives(Artifacts(job_dir))
     except BnnError as err:
         fail("run", str(err))
 

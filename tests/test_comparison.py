@@ -51,6 +51,7 @@ def fake_job(folder: Path, sparsity: float, bnn_accuracy: float, overrides: list
             "binary_macs_per_example": binary_macs,
             "weight_bits": 2 * binary_macs,
             "sparsity": sparsity,
+            "network": "bnn_bn" if "model.norm=batchnorm" in overrides else "bnn",
         },
         "n_test": 500,
     }
@@ -67,7 +68,8 @@ def fake_job(folder: Path, sparsity: float, bnn_accuracy: float, overrides: list
 def test_rows_follow_the_papers_table_with_a_sparsity_column(tmp_path):
     # Job folders in sweep order need not be in sparsity order: rows are sorted by sparsity.
     jobs = [fake_job(tmp_path / "0", 0.5, 0.90), fake_job(tmp_path / "1", 0.0, 0.92)]
-    rows, config, n_test = table1_rows(jobs)
+    rows, configs, n_test = table1_rows(jobs)
+    config = configs[0]
 
     assert row_keys(rows) == TABLE_OF_TWO_SPARSITIES
     assert [r["encoding"] for r in rows] == ["pixels", "threshold", "threshold", "threshold", "threshold"]
@@ -87,6 +89,37 @@ def test_rows_follow_the_papers_table_with_a_sparsity_column(tmp_path):
     assert n_test == 500
 
 
+def test_the_integer_threshold_network_adds_its_own_rows_after_the_papers(tmp_path):
+    bn = ["model.norm=batchnorm", "finetune.init=random", "finetune.grad=ste"]
+    jobs = [
+        fake_job(tmp_path / "0", 0.0, 0.90),
+        fake_job(tmp_path / "1", 0.5, 0.93, bn),
+        fake_job(tmp_path / "2", 0.0, 0.94, bn),
+    ]
+    rows, configs, _ = table1_rows(jobs)
+    assert row_keys(rows) == [
+        ("real", "real", 0.0),
+        ("real", "binary", 0.0),
+        ("compressed", "binary", 0.0),
+        ("bnn", "binary", 0.0),
+        ("real_bn", "real", 0.0),
+        ("real_bn", "binary", 0.0),
+        ("compressed_bn", "binary", 0.0),
+        ("bnn_bn", "binary", 0.0),
+        ("bnn_bn", "binary", 0.5),
+    ]
+    assert [c.model.network for c in configs] == ["bnn", "bnn_bn"]
+    folder, _ = write_table1(tmp_path / "project", jobs, 60.0, "python -m pipeline.run experiment=paper_table1")
+    table = (folder / "table1.md").read_text()
+    assert "`bnn_bn` at sparsity 0.00: 94.00%" in table and "`bnn` at sparsity 0.00: 90.00%" in table
+
+
+def test_networks_of_one_table_must_share_the_data(tmp_path):
+    jobs = [fake_job(tmp_path / "0", 0.0, 0.9), fake_job(tmp_path / "1", 0.0, 0.9, ["model.norm=batchnorm", "seed=3"])]
+    with pytest.raises(BnnError, match="data, seed or augmentation"):
+        table1_rows(jobs)
+
+
 def test_lloyd_max_inputs_are_named_by_their_bits(tmp_path):
     jobs = [fake_job(tmp_path / "0", 0.0, 0.9, ["data.binarize.method=lloyd_max", "data.binarize.bits=2"])]
     rows, _, _ = table1_rows(jobs)
@@ -104,8 +137,8 @@ def test_table_files_land_under_reports_of_the_data_source(tmp_path):
     assert "| test error | test accuracy (95% CI) |" in markdown
     assert "| bnn | binary (threshold) | 0.75 | 12.00% | 88.00% (84.9-90.6) | 250 x 1-bit | 250 | 500 |" in markdown
     assert "| real | real (pixels) | - | 5.00% | 95.00% (92.7-96.6) | 600 x 32-bit | 614,400 | 19,200 |" in markdown
-    assert "Bitwise network at sparsity 0.00: 92.00% (89.3-94.1) test accuracy" in markdown
-    assert "1.00 points behind the real-valued network on the same binary inputs (93.00% (90.4-94.9))" in markdown
+    assert "`bnn` at sparsity 0.00: 92.00% (89.3-94.1) test accuracy" in markdown
+    assert "1.00 points behind the real-valued network on the same binary inputs (`real`, 93.00% (90.4-94.9))" in markdown
 
 
 def test_a_network_scored_on_its_own_number_of_examples_gets_its_own_interval():
@@ -128,7 +161,7 @@ def test_a_network_scored_on_its_own_number_of_examples_gets_its_own_interval():
 @pytest.mark.parametrize(
     ("second_job", "message"),
     [
-        (lambda d: fake_job(d, 0.5, 0.9, ["seed=1"]), "differs from job 0 in more than finetune.sparsity"),
+        (lambda d: fake_job(d, 0.5, 0.9, ["seed=1"]), "data, seed or augmentation differ from job 0"),
         (lambda d: fake_job(d, 0.5, 0.9, ["finetune.lr=0.01"]), "differs from job 0 in more than finetune.sparsity"),
         (lambda d: fake_job(d, 0.0, 0.9), "finetune.sparsity values repeat across jobs"),
         (lambda d: d.mkdir(), "no .hydra/config.yaml"),
