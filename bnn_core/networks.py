@@ -289,7 +289,11 @@ class BitwiseMLP(QuantizedMLP):
             QuantizedDense(
                 fan_in,
                 fan_out,
-                1.0,  # shadow weights uniform in [-1, 1], the range they are clipped to
+                # Paper network: shadow weights uniform in [-1, 1], the range they are clipped to. bnn_bn:
+                # batch norm makes the forward pass blind to their scale (only signs count), so the scale
+                # only sets how many Adam steps a sign flip takes; torch's Linear scale, 1/sqrt(fan_in),
+                # lets training from random weights flip them as fast as a float network moves.
+                1.0 if norm == "none" else 1.0 / math.sqrt(fan_in),
                 quantizer("weight", "ternary", sparsity=sparsity),
                 quantizer("bias", "sign"),
                 activation(fan_in, fan_out) if i < len(sizes) - 1 else None,

@@ -32,7 +32,7 @@ def _save_png(fig, path: Path) -> None:
 
 def row_label(row: dict) -> str:
     """``real (pixels)``, ``compressed (threshold)``, ``bnn s=0.50 (threshold)``: network, input, sparsity."""
-    network = f"bnn s={row['sparsity']:.2f}" if row["network"] == "bnn" else row["network"]
+    network = f"{row['network']} s={row['sparsity']:.2f}" if row["network"].startswith("bnn") else row["network"]
     return f"{network} ({row['encoding']})"
 
 
@@ -75,8 +75,8 @@ def plot_curves(histories: dict[str, dict[str, list[float]]], path: Path) -> Non
 
 def render(rows: list[dict], metrics: dict) -> str:
     bnn, compressed = metrics["bnn"], metrics["compressed"]
-    bnn_row = next(row for row in rows if row["network"] == "bnn")
-    compressed_row = next(row for row in rows if row["network"] == "compressed")
+    # the last two rows: the bitwise network (bnn or bnn_bn) and before it its tanh-compressed twin
+    compressed_row, bnn_row = rows[2], rows[3]
     return "\n".join(
         [
             "# Bitwise neural network: report",

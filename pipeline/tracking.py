@@ -311,7 +311,7 @@ def log_table_rows(uri: str | None, experiment: str, table: str, rows: list[dict
     parent = find_or_create_parent(uri, experiment_id, sweep_id, f"{table} {folder.name}", common_tags())
     for row in rows:
         label = f"{table} {row['network']} {row['input']}"
-        if row["network"] == "bnn":
+        if row["network"].startswith("bnn"):
             label += f" s={row['sparsity']:g}"
         tags = {"kind": f"{table}_row", "pipeline_run": sweep_id, "data_source": folder.name}
         _log_row_run(client, experiment_id, parent, table, label, row, tags)
@@ -329,6 +329,8 @@ def _log_row_run(
     run = _with_retries(lambda: client.create_run(experiment_id, run_name=label, tags=all_tags))
     now = int(time.time() * 1000)
     numbers = {key: float(value) for key, value in row.items() if isinstance(value, int | float)}
+    if "test_accuracy_ci95" in row:  # the Wilson interval, as two metrics
+        numbers["test_accuracy_ci95_low"], numbers["test_accuracy_ci95_high"] = map(float, row["test_accuracy_ci95"])
     words = {key: str(value) for key, value in row.items() if isinstance(value, str)}
     metrics = [Metric(f"{table}/{key}", value, now, 0) for key, value in numbers.items()]
     params = [Param(key, value) for key, value in {**words, "sparsity": str(row["sparsity"])}.items()]

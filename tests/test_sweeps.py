@@ -47,8 +47,14 @@ def sweep_jobs(experiment: str) -> list[list[str]]:
     [
         ("sparsity_sweep", [[f"finetune.sparsity={s}"] for s in ("0.0", "0.25", "0.5", "0.75", "0.9")]),
         ("width_sweep", [[f"model.hidden=[{w},{w},{w}]"] for w in (128, 256, 512, 1024)]),
-        ("input_bits_sweep", [[f"+input_bits={name}"] for name in ("threshold", "lloyd_max_2", "lloyd_max_4", "thermometer_3")]),
-        ("paper_table1", [[f"finetune.sparsity={s}"] for s in ("0.0", "0.5", "0.75")]),
+        (
+            "input_bits_sweep",
+            [[f"+input_bits={name}"] for name in ("threshold", "lloyd_max_2", "lloyd_max_4", "thermometer_3")],
+        ),
+        (
+            "paper_table1",
+            [[f"+network={n}", f"finetune.sparsity={s}"] for n in ("bnn", "bnn_bn") for s in ("0.0", "0.5", "0.75")],
+        ),
     ],
 )
 def test_experiment_sweeps_expand_to_their_jobs(experiment, jobs):
