@@ -9,6 +9,7 @@ paths (``pipeline.summary``, the sweep callbacks) start fast.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from pipeline.files import atomic_path
 
 if TYPE_CHECKING:
     from bnn_core.data_module import FeatureSplits
+    from bnn_core.input_encoders import InputEncoder
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,18 @@ def read_features(path: Path) -> FeatureSplits:
         raise DataError(f"{path}: not found; run the binarize stage first (dvc repro)")
     with np.load(path, allow_pickle=False) as arrays:
         return FeatureSplits.from_arrays(dict(arrays))
+
+
+def read_input_encoder(path: Path) -> InputEncoder:
+    """The input encoder the binarize stage fitted (``data/input_encoder.json``)."""
+    from bnn_core.input_encoders import encoder_from_dict
+
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run the binarize stage first (dvc repro)")
+    try:
+        return encoder_from_dict(json.loads(path.read_text())["encoder"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: unreadable input encoder ({type(err).__name__}: {err})") from None
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

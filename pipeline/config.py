@@ -104,12 +104,6 @@ class DataConfig:
         _require(2 <= self.n_classes <= 256, "data.n_classes", "must be in 2..256", self.n_classes)
 
 
-#: Normalization after each hidden layer: ``none`` is the paper's network (a binary bias per unit);
-#: ``batchnorm`` is the integer-threshold network ``bnn_bn`` (batch norm, folded at export into one
-#: integer threshold per unit).
-NORMS = ("none", "batchnorm")
-
-
 @dataclass
 class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [1024, 1024, 1024])
@@ -121,6 +115,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require(len(self.hidden) >= 1, "model.hidden", "needs at least one hidden layer", self.hidden)
         _require(all(h > 0 for h in self.hidden), "model.hidden", "sizes must be > 0", self.hidden)
+        # none: the paper's network (a binary bias per unit); batchnorm: bnn_bn (integer thresholds)
+        from bnn_core.networks import NORMS
+
         _require(self.norm in NORMS, "model.norm", f"must be one of {NORMS}", self.norm)
         _require(_is_rate(self.dropout_input), "model.dropout_input", "must be in [0, 1)", self.dropout_input)
         rates = self.dropout_hidden if isinstance(self.dropout_hidden, list | tuple) else [self.dropout_hidden]
@@ -158,12 +155,6 @@ class AugmentConfig:
         _require(0 <= self.shift <= 4, "augment.shift", "must be in 0..4 pixels", self.shift)
 
 
-#: Learning-rate schedules over a round's epochs (bnn_core.lightning_modules.make_scheduler).
-SCHEDULES = ("constant", "cosine", "onecycle", "step")
-#: Training losses on the class scores (bnn_core.lightning_modules.LOSSES).
-LOSSES = ("cross_entropy", "squared_hinge")
-
-
 @dataclass
 class OptimConfig:
     epochs: int = 10
@@ -177,8 +168,11 @@ class OptimConfig:
     max_minutes: float | None = None
 
     def check(self, stage: str) -> None:
+        # the registries live beside the code that uses them (torch: only the stages that train need it)
+        from bnn_core.lightning_modules import LOSSES, SCHEDULES
+
         _require(self.schedule in SCHEDULES, f"{stage}.schedule", f"must be one of {SCHEDULES}", self.schedule)
-        _require(self.loss in LOSSES, f"{stage}.loss", f"must be one of {LOSSES}", self.loss)
+        _require(self.loss in LOSSES, f"{stage}.loss", f"must be one of {tuple(LOSSES)}", self.loss)
         _require(
             self.max_minutes is None or (math.isfinite(self.max_minutes) and self.max_minutes > 0),
             f"{stage}.max_minutes",

@@ -13,20 +13,17 @@ float32 to MLflow (``speed/*``); ``make bench`` measures it properly (``reports/
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 
 from bnn_core.bitwise_model import BitwiseModel
 from bnn_core.cost import cost_report
 from bnn_core.errors import BnnError
-from bnn_core.input_encoders import encoder_from_dict
 from bnn_core.model_file import load_bitwise_model, save_bitwise_model
 from bnn_core.networks import predict_classes
 from bnn_core.packed import PackedNetwork
 from bnn_core.speed import throughput
-from pipeline.artifacts import read_features
+from pipeline.artifacts import read_features, read_input_encoder
 from pipeline.files import atomic_path, write_json, write_text
 from pipeline.networks_io import load_bitwise, load_compressed
 from pipeline.stage import StageContext, stage_main
@@ -78,7 +75,7 @@ def run(ctx: StageContext) -> None:
     layers = bitwise.export_layers()
     check_same_scores("the numpy packed engine", PackedNetwork.from_ternary(layers).forward_counts(x > 0), simulated)
 
-    encoder = encoder_from_dict(json.loads(ctx.artifacts.input_encoder.read_text())["encoder"])
+    encoder = read_input_encoder(ctx.artifacts.input_encoder)
     metadata = {
         "network": ctx.config.model.network,
         "sparsity": ctx.config.finetune.sparsity,

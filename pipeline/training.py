@@ -17,7 +17,6 @@ Everything a round's config asks of the training loop is done here, so the stage
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from bnn_core.augment import ShiftAugmentation
 from bnn_core.data_module import FeatureDataModule, FeatureSplits
 from bnn_core.errors import DataError, TrainingDivergedError
-from bnn_core.input_encoders import InputEncoder, encoder_from_dict
-from pipeline.artifacts import save_checkpoint
+from bnn_core.input_encoders import InputEncoder
+from pipeline.artifacts import read_input_encoder, save_checkpoint
 from pipeline.config import OptimConfig
 from pipeline.files import write_text
 from pipeline.stage import StageContext
@@ -45,16 +44,6 @@ class BestEpoch:
     # epochs begun (the last may be partial): fewer than optim.epochs when the time budget (optim.max_minutes)
     # ended the round
     epochs_run: int
-
-
-def read_input_encoder(path: Path) -> InputEncoder:
-    """The input encoder the binarize stage fitted (``data/input_encoder.json``)."""
-    if not path.is_file():
-        raise DataError(f"{path}: not found; run the binarize stage first (dvc repro)")
-    try:
-        return encoder_from_dict(json.loads(path.read_text())["encoder"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise DataError(f"{path}: unreadable input encoder ({type(err).__name__}: {err})") from None
 
 
 def training_augmentation(
