@@ -274,7 +274,7 @@ def render_table1(rows: list[dict], configs: list[Config], n_test: int, wall_tim
             f"Seed {config.seed}; {augment}; {n_test:,} test examples. In brackets: the Wilson 95% interval of "
             "each test accuracy (`bnn_core.stats`); differences well inside it are noise of the test sample.",
             "",
-            *summaries,
+            "\n\n".join(summaries),
             "",
         ]
     )
