@@ -94,7 +94,7 @@ def test_experiment_configures_a_seeded_multi_objective_optuna_search():
     widths = space["model.hidden"].choices
     assert widths == ("[256,256,256]", "[512,512,512]", "[1024,1024,1024]")
     assert isinstance(space["finetune.sparsity"], UniformDistribution) and space["finetune.sparsity"].high < 1
-    assert space["data.binarize.method"].choices == ("threshold", "lloyd_max")
+    assert space["data.binarize.method"].choices == ("threshold", "lloyd_max", "thermometer")
     assert isinstance(space["finetune.lr"], LogUniformDistribution)
     for key in ("pretrain.epochs", "finetune.epochs"):
         assert isinstance(space[key], IntUniformDistribution), key
