@@ -192,6 +192,7 @@ def test_paper_table1_sweep_writes_the_table_and_logs_every_row(project_copy):
             "-m",
             "pipeline.run",
             "experiment=paper_table1",
+            "+network=bnn",  # one network: the table over sparsities (bnn_bn's rows: the fast tests above)
             "model.hidden=[32,32]",
             "pretrain.epochs=1",
             "finetune.epochs=1",
