@@ -275,6 +275,28 @@ class PredictConfig:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
 
 
+#: Formats ``python -m pipeline.export`` writes (``c``: a C99 library, :mod:`bnn_core.c_export`).
+EXPORT_FORMATS = ("c",)
+
+
+@dataclass
+class ExportConfig:
+    """``python -m pipeline.export``: see its module docstring for what each key does."""
+
+    model_file: str = "models/bnn.npz"
+    format: str = "c"
+    output: str = "dist/c"
+    word_bits: int = 32
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        from bnn_core.c_export import WORD_SIZES  # the registry lives beside the code that uses it
+
+        _require(self.format in EXPORT_FORMATS, "format", f"must be one of {EXPORT_FORMATS}", self.format)
+        _require(self.word_bits in WORD_SIZES, "word_bits", f"must be one of {WORD_SIZES}", self.word_bits)
+        _require(bool(self.output.strip()), "output", "must name a folder", self.output)
+
+
 def _validate(schema: type[Schema], cfg: DictConfig) -> Schema:
     """Merge ``cfg`` into the structured ``schema`` and build it; every OmegaConf complaint and every
     range check (``__post_init__``) becomes one :class:`ConfigError` that names the key."""
@@ -299,6 +321,11 @@ def validate(cfg: DictConfig) -> Config:
 def validate_predict(cfg: DictConfig) -> PredictConfig:
     """Check a composed ``conf/predict.yaml`` against :class:`PredictConfig`."""
     return _validate(PredictConfig, cfg)
+
+
+def validate_export(cfg: DictConfig) -> ExportConfig:
+    """Check a composed ``conf/export.yaml`` against :class:`ExportConfig`."""
+    return _validate(ExportConfig, cfg)
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, object]:
