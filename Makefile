@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Stage commands in dvc.yaml call `python`: make it the project's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: dashboard repro test test-fast lint params dvc-yaml bench
+.PHONY: dashboard repro test test-fast lint params dvc-yaml bench system-deps export-c
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,20 @@ repro: $(STAMP)
 	$(BIN)/dvc repro
 	@$(BIN)/python -m pipeline.summary
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# Debian tools the C export's tests build and run with (ARM cross-compilers, qemu-arm): installs what is
+# missing when run as root with apt-get, otherwise says why not (those tests then skip, naming the tool).
+system-deps:
+	bash scripts/system_deps.sh
+
+# The trained model as a C99 library (dist/c, a DVC output) and its host build (build/bnn_predict:
+# outside dist/c, so that `dvc status` stays clean).
+export-c: $(STAMP)
+	$(BIN)/dvc repro export
+	mkdir -p build && $(CC) -O2 -std=c99 -o build/bnn_predict dist/c/main.c dist/c/bnn_model.c
 
 # The inner loop: everything but the tests marked slow (real stages, subprocesses, servers); under 90 s.
 test-fast: $(STAMP)

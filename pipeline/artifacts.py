@@ -84,6 +84,11 @@ class Artifacts:
     def cost_table(self) -> Path:
         return self.root / "reports" / "cost.md"
 
+    # export (a folder)
+    @property
+    def c_library(self) -> Path:
+        return self.root / "dist" / "c"
+
     # baselines / report
     @property
     def baselines(self) -> Path:

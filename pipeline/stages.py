@@ -1,8 +1,11 @@
 """The stage graph, declared once: what each stage reads, which config keys decide it, what it writes.
 
     binarize -> pretrain -> finetune -> evaluate        (+ baselines, report)
+                                         evaluate -> export    (the model as a C library, dist/c)
 
-:data:`STAGES` is the single source. Two things are made from it:
+:data:`STAGES` is the single source of the training chain; :data:`COMMANDS` adds the stages that are
+stand-alone commands with their own config (``conf/<name>.yaml``), which ``pipeline.run`` does not chain.
+Two things are made from these tables (``pipeline.run`` walks STAGES only):
 
 - ``dvc.yaml`` (``make dvc.yaml``, i.e. ``python -m pipeline.stages``): every stage's params, its
   artifact deps and outs (paths from :class:`pipeline.artifacts.Artifacts`) and its **code deps**, which
@@ -143,6 +146,35 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Command:
+    """A DVC stage that runs a stand-alone command (``python -m pipeline.<name> <arguments>``, configured by
+    ``conf/<name>.yaml`` rather than ``params.yaml``): it follows the chain in ``dvc repro`` but is not a
+    step of ``pipeline.run``. ``reads``/``writes``: artifact names, as for :class:`Stage`."""
+
+    name: str
+    arguments: str
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    description: str = field(default="", compare=False)
+
+    @property
+    def module(self) -> str:
+        return f"pipeline.{self.name}"
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "export",
+        # overwrite: dvc repro removes a stage's outs before it runs, so this only matters by hand
+        arguments="overwrite=true",
+        reads=("bnn_model",),
+        writes=("c_library",),
+        description="the exported model as a dependency-free C99 library for microcontrollers (bit-exact)",
+    ),
+)
+
+
 def stage(name: str) -> Stage:
     found = [s for s in STAGES if s.name == name]
     if not found:
@@ -249,8 +281,22 @@ def dvc_stage(entry: Stage) -> dict[str, Any]:
     return spec
 
 
+def dvc_command(entry: Command) -> dict[str, Any]:
+    """One stand-alone command of ``dvc.yaml``: its config file is a dep, like its code; no params."""
+    paths = Artifacts(Path())
+    return {
+        "desc": entry.description,
+        "cmd": f"python -m {entry.module} {entry.arguments}".strip(),
+        "deps": [paths.relative(name) for name in entry.reads]
+        + [f"conf/{entry.name}.yaml"]
+        + code_deps(entry.module),
+        "outs": [paths.relative(name) for name in entry.writes],
+    }
+
+
 def render_dvc_yaml() -> str:
-    document = {"vars": [{"hydra_args": HYDRA_ARGS}], "stages": {s.name: dvc_stage(s) for s in STAGES}}
+    stages = {s.name: dvc_stage(s) for s in STAGES} | {c.name: dvc_command(c) for c in COMMANDS}
+    document = {"vars": [{"hydra_args": HYDRA_ARGS}], "stages": stages}
     body = yaml.safe_dump(document, sort_keys=False, width=120, default_flow_style=False)
     return DVC_YAML_HEADER + body
 

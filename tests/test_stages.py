@@ -15,7 +15,7 @@ import yaml
 
 from pipeline import stages
 from pipeline.artifacts import Artifacts
-from pipeline.stages import STAGES, code_deps, producers, render_dvc_yaml
+from pipeline.stages import COMMANDS, STAGES, code_deps, producers, render_dvc_yaml
 from tests.conftest import ROOT
 from tests.test_datasets import write_idx_folder
 
@@ -34,6 +34,16 @@ def test_stage_table_is_a_chain_of_existing_artifacts_and_modules():
         module = importlib.import_module(entry.module)
         assert callable(module.run) and callable(module.main), entry.module
     assert len(producers()) == sum(len(entry.writes) for entry in STAGES), "two stages write the same artifact"
+
+
+def test_stand_alone_commands_read_chain_artifacts_and_have_their_own_config():
+    for command in COMMANDS:
+        assert set(command.reads) <= set(producers()), f"{command.name} reads something no stage writes"
+        assert not set(command.writes) & set(producers()), f"{command.name} writes a stage's artifact"
+        for name in command.writes:
+            Artifacts(Path()).path(name)
+        assert (ROOT / "conf" / f"{command.name}.yaml").is_file()
+        assert callable(importlib.import_module(command.module).main), command.module
 
 
 #: Run in a fresh interpreter: import one stage module, print the repository files it loaded.
