@@ -13,28 +13,53 @@ integer constant (a +-1 bias or a folded threshold): the lanes are int64 and the
 after the loop, so the code is the same for both; scores are truncated to int32 only at the store, exact
 for the offsets :func:`bnn_core.kernels.prepare_layer` accepts.
 
-Design, as measured (AVX-512 with VPOPCNTDQ, Zen 5):
+Two ways to count, chosen per target CPU (:data:`CSA_DEFAULT`, from the features numba compiles for):
 
-- Tiles: one input word ``x[i, w]`` is broadcast to all 8 lanes of a vector, so a single ``vpternlogq``
-  (XNOR-AND), ``vpopcntq`` and ``vpaddq`` advance 8 output units at once and each lane accumulates its own
-  unit: no horizontal reductions, and no padding waste along the input (784 bits = 13 words, not 16).
-- Unmasked layers skip the mask plane. Besides halving the weight bytes, ``vpxorq`` has a separate
-  destination while ``vpternlogq`` overwrites one of its sources, which then costs a register copy per
-  use: measured ~25 % faster per core.
-- Register blocking: one micro-kernel call computes ``ROW_BLOCK`` rows x 64 units = 3 x 8 accumulator
-  vectors that stay in registers for the whole loop over input words. Per input word it loads 8-16 weight
-  vectors and 3 broadcasts for 72 ALU ops, so it is bound by the 4 vector ALU pipes rather than by loads.
-  3 x 8 is the largest block that fits the 32 zmm registers (24 accumulators + 3 broadcasts + sign/mask +
-  temporaries); 4 x 8 spills. 2 x 8 measured the same; 3 x 8 loads less.
-- A 64-unit tile is exactly one output word, so the fused hidden-layer kernel turns its 8 lane comparisons
-  (``a >= 0``) into one ``uint64`` and stores it: threads working on different tiles never share a word.
+- **vector popcount** (CPUs with AVX-512 VPOPCNTDQ: Ice Lake and later, Zen 4/5). One input word
+  ``x[i, w]`` is broadcast to all 8 lanes of a vector, so a single ``vpternlogq`` (XNOR-AND) or ``vpxorq``,
+  ``vpopcntq`` and ``vpaddq`` advance 8 output units at once and each lane accumulates its own unit: no
+  horizontal reductions, and no padding waste along the input (784 bits = 13 words, not 16). Measured on
+  Zen 5: register blocking of ``ROW_BLOCK`` rows x 64 units = 3 x 8 accumulator vectors that stay in
+  registers for the whole loop over input words (per word 8-16 weight loads and 3 broadcasts for 72 ALU
+  ops, so the 4 vector ALU pipes bound it rather than loads; 4 x 8 spills, 2 x 8 measured the same).
+  Unmasked layers skip the mask plane: besides halving the weight bytes, ``vpxorq`` has a separate
+  destination while ``vpternlogq`` overwrites a source and costs a register copy per use (~25 % per core).
+- **carry-save counting** (every other x86: AVX-512 without VPOPCNTDQ such as Skylake-X / Cascade Lake, and
+  AVX2 such as Haswell, Zen 2/3). Without ``vpopcntq`` LLVM emulates a 64-bit lane popcount with ~7 ops
+  (nibble lookup with ``vpshufb``, then ``vpsadbw``), so XNOR-popcount-add costs ~10 ops per word instead
+  of 3. Harley-Seal (Mula, Kurz and Lemire, "Faster population counts using AVX2 instructions", 2018)
+  counts a group of ``g`` words bit-sliced instead: full adders (carry-save adders) over the ``g`` words,
+  lane by lane, ``(a, b, c) -> (a ^ b ^ c, maj(a, b, c))`` (2 ``vpternlogq``, or 5 AVX2 ops), leave one
+  vector per power of two, ``sum_k 2^k * c_k``, and only those ``log2(g) + 1`` vectors are counted: each
+  byte's two nibbles index a table of ``2^k * popcount(nibble)`` (``vpshufb``), the bytes are added (at
+  most ``8 * 31 = 248`` for ``g = 16``: no byte overflows) and one ``vpsadbw`` sums each lane's 8 bytes.
+  For ``g = 16``: 16 XORs, 11 full adders and a few half adders, 5 table lookups: about 6 ops per word.
+  These kernels count disagreements ``d = popcount((x ^ s) & m)`` and compute ``a = tile_offset - 2 d``
+  in masked layers too (the layout adds ``2 nnz`` to the offset), since ``(x ^ s) & m`` is one
+  ``vpternlogq`` with ``x`` broadcast from memory. Input words are padded with zeros to a multiple of
+  ``CSA_PAD`` (weights in the layout, inputs by the packers), so every group is a full tree of
+  ``CSA_GROUP`` or ``CSA_PAD`` words: zero words count 0. The loop runs over 8-unit blocks at run time, so
+  the output layer (10 classes) computes 2 of its tile's 8 blocks. Measured on Cascade Lake (AVX-512BW, no
+  VPOPCNTDQ, 1 core, 784-3x1024-10, batch 2000): 6.9 us per row against 11-12 us for the emulated vector
+  popcount, 1.6-1.8x.
+
+Both share the tile layout and cache blocking:
+
+- A 64-unit tile is exactly one output word, so a hidden-layer kernel turns its lane comparisons
+  (``a >= 0``) into sign bits of that word: threads working on different tiles never share a word.
 - Cache blocking: rows are taken in chunks of ``CHUNK_ROWS``; for each chunk the loop runs tile by tile so
   a weight tile (W x 0.5-1 KiB) and the chunk's inputs stay in L1 while every row of the chunk uses them.
   The network loops run all layers on one chunk before the next, so hidden activations never leave L1 and
   a whole batch costs one parallel region.
+- A whole network is one ``uint64`` buffer, the *model image* (``HEAD_*`` header, ``META_*`` table per
+  layer, tile offsets, tiles; :func:`bnn_core.tile_layout.network_image`), and the network kernels read
+  bool input rows directly (64 bools -> one word with a byte compare and a mask move), so a call passes
+  three arrays: numba's dispatch costs about 0.15 us per argument, which matters at batch 1 (~2 us of
+  compute on an AVX-512 VPOPCNTDQ core).
 
-Compiled code is cached in ``__pycache__`` (``cache=True``; first compile ~10 s, later loads ~1 s, most of
-it numba's own start-up).
+Compiled code is cached in ``__pycache__`` (``cache=True``; first compile ~10-30 s, later loads ~1 s, most
+of it numba's own start-up). numba keys that cache by CPU name and features, so a build for another target
+(``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``) compiles and caches its own code.
 """
 
 from __future__ import annotations
@@ -50,23 +75,33 @@ LANES = 8  # uint64 lanes in one 512-bit vector
 TILE_OUT = 64  # output units per tile: one output word (bnn_core.packed.WORD_BITS)
 BLOCKS = TILE_OUT // LANES  # lane vectors per tile
 TILE_WORDS = 2 * TILE_OUT  # uint64 per tile and input word, masked tiles: 64 signs + 64 masks
-ROW_BLOCK = 3  # rows per micro-kernel call (see module docstring)
+ROW_BLOCK = 3  # rows per vector-popcount micro-kernel call (see module docstring)
+CSA_GROUP = 16  # input words per carry-save tree (5 weight columns: bytes stay <= 248)
+CSA_PAD = 8  # carry-save layouts pad input words to a multiple of this (a tail tree of 8 words)
 CHUNK_ROWS = 96  # rows per cache block / parallel work item (multiple of ROW_BLOCK)
-_MAGIC_PACK = 0x0102040810204080  # (8 bytes of 0/1) * magic >> 56 = the 8 bits, byte k -> bit k
 
-# Columns of the per-layer table ``meta int64 [n_layers, META_COLUMNS]`` of a whole network
-# (:func:`bnn_core.tile_layout.network_layout`); plain ints so compiled code indexes ``meta[li, META_TILES]``.
-META_WEIGHT_START = 0  # first uint64 of the layer's tiles in the concatenated weights
-META_OFFSET_START = 1  # first entry of the layer's tile offsets in the concatenated offsets
-META_IN_WORDS = 2  # input words per row (W)
+# The model image (one uint64 buffer per network, bnn_core.tile_layout.network_image): a header of
+# HEAD_WORDS words, then META_COLUMNS words per layer, then the tile offsets (int64 bit patterns) and the
+# tiles. Starts are absolute indices into the image; plain ints so compiled code reads them directly.
+HEAD_LAYERS = 0  # number of layers
+HEAD_N_IN = 1  # input bits per row
+HEAD_CLASSES = 2  # output units of the last layer (columns of the scores)
+HEAD_CSA = 3  # 1: carry-save kernels (and layouts padded to CSA_PAD words); 0: vector popcount
+HEAD_MAX_WORDS = 4  # widest layer input, in words (hidden buffers are CHUNK_ROWS x this)
+HEAD_WORDS = 8
+META_WEIGHT_START = 0  # first uint64 of the layer's tiles
+META_OFFSET_START = 1  # first word of the layer's tile offsets
+META_IN_WORDS = 2  # input words per row as the kernel reads them (padded to CSA_PAD for carry-save)
 META_TILES = 3  # 64-unit tiles = output words per row
 META_MASKED = 4  # 1: tiles hold sign and mask planes; 0: unmasked (signs only)
 META_COLUMNS = 5
 
 try:
+    from llvmlite import binding as _llvm_binding
     from llvmlite import ir
     from numba import njit, prange, types
     from numba.core import cgutils
+    from numba.core import config as _numba_config
     from numba.extending import intrinsic
 except ImportError as exc:  # pragma: no cover - exercised only where numba is missing
     UNAVAILABLE_REASON: str | None = f"numba unavailable ({exc})"
@@ -76,12 +111,53 @@ if UNAVAILABLE_REASON is None and os.environ.get("BNN_DISABLE_FAST_KERNEL", "") 
     UNAVAILABLE_REASON = "numba unavailable (BNN_DISABLE_FAST_KERNEL is set)"
 
 
+def target_cpu() -> tuple[str, frozenset[str]]:
+    """The CPU name and the enabled features numba compiles for (the host's unless ``NUMBA_CPU_NAME`` /
+    ``NUMBA_CPU_FEATURES`` say otherwise), as numba passes them to LLVM.
+
+    With ``NUMBA_CPU_FEATURES`` set, only the features it lists with ``+`` count (the ones LLVM would add
+    from the CPU name are not known here): list the vector ones (``+avx2``, ``-avx512f``, ...) explicitly.
+    Note that ``NUMBA_CPU_NAME`` alone keeps the host's features, AVX-512 included.
+    """
+    if UNAVAILABLE_REASON is not None:
+        return "none", frozenset()
+    name = _numba_config.CPU_NAME or _llvm_binding.get_host_cpu_name()
+    if _numba_config.CPU_FEATURES is not None:
+        tokens = (t.strip() for t in _numba_config.CPU_FEATURES.split(","))
+        return name, frozenset(t[1:] for t in tokens if t.startswith("+"))
+    return name, frozenset(k for k, on in _llvm_binding.get_host_cpu_features().items() if on)
+
+
+def _is_x86() -> bool:
+    return UNAVAILABLE_REASON is None and _llvm_binding.get_process_triple().split("-")[0] in ("x86_64", "i686")
+
+
+_TARGET_NAME, _TARGET_FEATURES = target_cpu()
+#: Carry-save counting by default: x86 without a vector 64-bit popcount (see module docstring). Elsewhere
+#: (AVX-512 VPOPCNTDQ, or ARM, whose NEON byte popcount LLVM widens cheaply) the vector popcount.
+CSA_DEFAULT: bool = _is_x86() and "avx512vpopcntdq" not in _TARGET_FEATURES
+
+
 if UNAVAILABLE_REASON is None:
+    _I8 = ir.IntType(8)
     _I32 = ir.IntType(32)
     _I64 = ir.IntType(64)
     _V64 = ir.VectorType(_I64, LANES)
     _V32 = ir.VectorType(_I32, LANES)
     _V1 = ir.VectorType(ir.IntType(1), LANES)
+    _B64 = ir.VectorType(_I8, 8 * LANES)  # the same 512 bits as 64 bytes
+    _TERNLOG = "avx512f" in _TARGET_FEATURES  # 3-input logic is one vpternlogq
+    _X86 = _is_x86()
+    # Byte shuffle (the nibble lookup) and sum of absolute differences (the byte sum per lane) at the widest
+    # width the target has, as (intrinsic, bytes per call); None: no byte shuffle, generic popcounts instead.
+    if _X86 and "avx512bw" in _TARGET_FEATURES:
+        _PSHUFB, _PSADBW = ("llvm.x86.avx512.pshuf.b.512", 64), ("llvm.x86.avx512.psad.bw.512", 64)
+    elif _X86 and "avx2" in _TARGET_FEATURES:
+        _PSHUFB, _PSADBW = ("llvm.x86.avx2.pshuf.b", 32), ("llvm.x86.avx2.psad.bw", 32)
+    elif _X86 and "ssse3" in _TARGET_FEATURES:
+        _PSHUFB, _PSADBW = ("llvm.x86.ssse3.pshuf.b.128", 16), ("llvm.x86.sse2.psad.bw", 16)
+    else:
+        _PSHUFB = _PSADBW = None
 
     def _splat(builder, scalar):
         """Broadcast one ``i64`` to all 8 lanes."""
@@ -117,6 +193,8 @@ if UNAVAILABLE_REASON is None:
         def const(self, value: int):
             """An index-sized (intp) constant."""
             return ir.Constant(self.n_in_words.type, value)
+
+    # ---------------------------------------------------------------------------------- vector popcount
 
     def _accumulate_word(builder, ctpop, xb, w_ptr, acc, masked: bool, const):
         """One input word: ``acc[r][b] + popcount(~(x[r] ^ s[b]) & m[b])`` (masked) or
@@ -176,38 +254,36 @@ if UNAVAILABLE_REASON is None:
         builder.position_at_end(done)
         return acc
 
-    def _preactivations(builder, acc_row, offs, masked: bool):
-        """``a = 2 * acc + tile_offset`` (masked) or ``tile_offset - 2 * acc`` (unmasked), per lane vector."""
-        one = ir.Constant(_V64, [1] * LANES)
-        twice = [builder.shl(acc_row[b], one) for b in range(BLOCKS)]
-        if masked:
-            return [builder.add(twice[b], offs[b]) for b in range(BLOCKS)]
-        return [builder.sub(offs[b], twice[b]) for b in range(BLOCKS)]
+    def _preactivation(builder, acc, off, masked: bool):
+        """``a = 2 * acc + tile_offset`` (masked) or ``tile_offset - 2 * acc`` (unmasked), one lane vector."""
+        twice = builder.shl(acc, ir.Constant(_V64, [1] * LANES))
+        return builder.add(twice, off) if masked else builder.sub(off, twice)
+
+    def _sign_byte(builder, pre):
+        """The 8 lanes' ``a >= 0`` (sign(0) = +1) as one byte, lane ``k`` -> bit ``k``."""
+        return builder.bitcast(builder.icmp_signed(">=", pre, ir.Constant(_V64, None)), _I8)
 
     def _store_sign_bits(builder, pre, out_row_ptr, t):
-        """Output word ``t`` of the row = the 64 bits ``a >= 0`` (sign(0) = +1): lane vector ``b``'s 8
-        comparisons are byte ``b``, so unit ``o`` lands on bit ``o % 64`` as in ``pack_bits``."""
-        zero = ir.Constant(_V64, None)
+        """Output word ``t`` of the row = the 64 bits ``a >= 0``: lane vector ``b``'s 8 comparisons are byte
+        ``b``, so unit ``o`` lands on bit ``o % 64`` as in ``pack_bits``."""
         word = ir.Constant(_I64, 0)
         for b in range(BLOCKS):
-            byte = builder.bitcast(builder.icmp_signed(">=", pre[b], zero), ir.IntType(LANES))
-            shifted = builder.shl(builder.zext(byte, _I64), ir.Constant(_I64, b * LANES))
+            shifted = builder.shl(builder.zext(_sign_byte(builder, pre[b]), _I64), ir.Constant(_I64, b * LANES))
             word = builder.or_(word, shifted)
         builder.store(word, builder.gep(out_row_ptr, [t]), align=8)
 
-    def _store_scores(builder, a: _TileArgs, pre, out_row_ptr, unit0):
-        """The pre-activations as ``int32``, lanes of units ``>= n_out`` (tile padding) left unwritten."""
+    def _store_block_scores(builder, a: _TileArgs, pre, out_row_ptr, first):
+        """One lane vector of pre-activations (units ``first .. first + 7``) as ``int32``; lanes of units
+        ``>= n_out`` (tile padding) left unwritten."""
         masked_store = cgutils.get_or_insert_function(
             builder.module,
             ir.FunctionType(ir.VoidType(), [_V32, _V32.as_pointer(), _I32, _V1]),
             "llvm.masked.store.v8i32.p0",
         )
         lane = ir.Constant(_V64, list(range(LANES)))
-        for b in range(BLOCKS):
-            first = builder.add(unit0, a.const(b * LANES))
-            live = builder.icmp_signed("<", lane, _splat(builder, builder.sub(a.out_cols, first)))
-            ptr = _vec_ptr(builder, out_row_ptr, first, _V32)
-            builder.call(masked_store, [builder.trunc(pre[b], _V32), ptr, ir.Constant(_I32, 4), live])
+        live = builder.icmp_signed("<", lane, _splat(builder, builder.sub(a.out_cols, first)))
+        ptr = _vec_ptr(builder, out_row_ptr, first, _V32)
+        builder.call(masked_store, [builder.trunc(pre, _V32), ptr, ir.Constant(_I32, 4), live])
 
     def _epilogue(builder, a: _TileArgs, acc, masked: bool, bits_out: bool):
         """Accumulators -> pre-activations -> ``out`` rows ``out_row ..``: int32 scores or packed sign bits."""
@@ -219,21 +295,229 @@ if UNAVAILABLE_REASON is None:
         ]
         for r, acc_row in enumerate(acc):
             out_row_ptr = builder.gep(a.out_data, [builder.mul(builder.add(a.out_row, const(r)), a.out_cols)])
-            pre = _preactivations(builder, acc_row, offs, masked)
+            pre = [_preactivation(builder, acc_row[b], offs[b], masked) for b in range(BLOCKS)]
             if bits_out:
                 _store_sign_bits(builder, pre, out_row_ptr, a.t)
             else:
-                _store_scores(builder, a, pre, out_row_ptr, unit0)
+                for b in range(BLOCKS):
+                    _store_block_scores(builder, a, pre[b], out_row_ptr, builder.add(unit0, const(b * LANES)))
 
-    def _make_tile(rows: int, masked: bool):
+    # ------------------------------------------------------------------------------- carry-save counting
+
+    def _ternlog(builder, a, b, c, imm: int):
+        """``vpternlogq``: any 3-input bitwise function, ``imm`` its truth table (bit ``4a + 2b + c``)."""
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V64, [_V64, _V64, _V64, _I32]), "llvm.x86.avx512.pternlog.q.512"
+        )
+        return builder.call(fn, [a, b, c, ir.Constant(_I32, imm)])
+
+    def _full_adder(builder, a, b, c):
+        """``(a ^ b ^ c, maj(a, b, c))`` lane-wise: the sum bit and the carry (weight x2) of 3 inputs."""
+        if _TERNLOG:
+            # One vpternlogq each (0x96 = xor3, 0xE8 = majority), called directly: LLVM's own matcher
+            # splits the majority's nested and/or into two.
+            return _ternlog(builder, a, b, c, 0x96), _ternlog(builder, a, b, c, 0xE8)
+        u = builder.xor(a, b)  # AVX2: share a ^ b, 5 ops
+        return builder.xor(u, c), builder.or_(builder.and_(a, b), builder.and_(u, c))
+
+    class _CarrySaveCounter:
+        """Bit-sliced counter of weight-1 vectors, reduced as they arrive (Harley-Seal order): ``cols[k]``
+        holds vectors of weight ``2^k``, and a column that reaches 3 gets a full adder at once (sum stays,
+        carry moves up). So at most 2 vectors per column are live: the tree for 16 words and 2 rows fits
+        the 32 vector registers next to the weights (emitting all leaves first made LLVM spill)."""
+
+        def __init__(self, builder):
+            self.builder = builder
+            self.cols: list[list] = []
+
+        def add(self, vector, k: int = 0) -> None:
+            while len(self.cols) <= k:
+                self.cols.append([])
+            col = self.cols[k]
+            col.append(vector)
+            if len(col) == 3:
+                total, carry = _full_adder(self.builder, *col)
+                col[:] = [total]
+                self.add(carry, k + 1)
+
+        def columns(self) -> list:
+            """One vector per weight: ``sum(popcount(added)) = sum_k 2^k * popcount(columns[k])``. A column
+            left with 2 vectors gets a half adder (2 ops, cheaper than a 6th popcount)."""
+            k = 0
+            while k < len(self.cols):
+                col = self.cols[k]
+                if len(col) == 2:
+                    a, b = col
+                    col[:] = [self.builder.xor(a, b)]
+                    self.add(self.builder.and_(a, b), k + 1)
+                k += 1
+            return [col[0] for col in self.cols if col]
+
+    def _pieces(builder, vector, width: int) -> list:
+        """Split ``<64 x i8>`` into ``<width x i8>`` parts (one per intrinsic call at that width)."""
+        if width == 8 * LANES:
+            return [vector]
+        undef = ir.Constant(_B64, ir.Undefined)
+        return [
+            builder.shuffle_vector(vector, undef, ir.Constant(ir.VectorType(_I32, width), list(range(p, p + width))))
+            for p in range(0, 8 * LANES, width)
+        ]
+
+    def _concat(builder, parts: list):
+        """Inverse of :func:`_pieces` (any element type): concatenate equal vectors pairwise."""
+        while len(parts) > 1:
+            n = parts[0].type.count
+            mask = ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n)))
+            parts = [builder.shuffle_vector(parts[i], parts[i + 1], mask) for i in range(0, len(parts), 2)]
+        return parts[0]
+
+    def _x86_call(builder, spec, out_type, *operands):
+        """Intrinsic ``spec = (name, bytes)`` applied piece by piece to ``<64 x i8>`` operands, concatenated."""
+        name, width = spec
+        part = ir.VectorType(_I8, width)
+        out_part = ir.VectorType(out_type.element, out_type.count * width // (8 * LANES))
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(out_part, [part] * len(operands)), name)
+        split = [_pieces(builder, op, width) for op in operands]
+        return _concat(builder, [builder.call(fn, list(args)) for args in zip(*split, strict=True)])
+
+    def _weighted_popcount(builder, cols):
+        """``sum_k 2^k * popcount(cols[k])`` per 64-bit lane, ``<8 x i64>``.
+
+        x86: per column the two nibbles of every byte index a 16-entry table of ``2^k * popcount(nibble)``
+        (``vpshufb``), the looked-up bytes are added (at most ``8 * (2^5 - 1) = 248`` over 5 columns: no byte
+        overflows), then one ``vpsadbw`` sums each lane's 8 bytes. The weight sits in the table, so there is
+        no shift: LLVM turns a doubling of bytes into a word shift and a mask. Elsewhere: 64-bit popcounts,
+        shifted and added.
+        """
+        if _PSHUFB is None:
+            ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V64, [_V64]), "llvm.ctpop.v8i64")
+            total = None
+            for k, col in enumerate(cols):
+                count = builder.shl(builder.call(ctpop, [col]), ir.Constant(_V64, [k] * LANES))
+                total = count if total is None else builder.add(total, count)
+            return total
+        low_nibbles = ir.Constant(_B64, [0x0F] * (8 * LANES))
+        four = ir.Constant(_V64, [4] * LANES)
+        total = None
+        for k, col in enumerate(cols):
+            table = ir.Constant(_B64, [(1 << k) * (i & 15).bit_count() for i in range(8 * LANES)])
+            low = builder.and_(builder.bitcast(col, _B64), low_nibbles)
+            high = builder.and_(builder.bitcast(builder.lshr(col, four), _B64), low_nibbles)
+            for nibbles in (low, high):
+                count = _x86_call(builder, _PSHUFB, _B64, table, nibbles)
+                total = count if total is None else builder.add(total, count)
+        return _x86_call(builder, _PSADBW, _V64, total, ir.Constant(_B64, None))
+
+    def _emit_loop(builder, name: str, start, carried, cond, body):
+        """``i = start; while cond(i): carried = body(i, carried); i = next`` with loop-carried SSA values.
+
+        ``body(i, carried)`` returns ``(next_i, new_carried)``. Leaves the builder after the loop and returns
+        ``(i, carried)`` as they are when ``cond`` fails."""
+        preheader = builder.block
+        header = builder.append_basic_block(f"{name}.header")
+        loop_body = builder.append_basic_block(f"{name}.body")
+        done = builder.append_basic_block(f"{name}.done")
+        builder.branch(header)
+        builder.position_at_end(header)
+        i = builder.phi(start.type)
+        i.add_incoming(start, preheader)
+        phis = [builder.phi(value.type) for value in carried]
+        for phi, value in zip(phis, carried, strict=True):
+            phi.add_incoming(value, preheader)
+        builder.cbranch(cond(i), loop_body, done)
+        builder.position_at_end(loop_body)
+        i_next, new = body(i, phis)
+        latch = builder.block
+        builder.branch(header)
+        i.add_incoming(i_next, latch)
+        for phi, value in zip(phis, new, strict=True):
+            phi.add_incoming(value, latch)
+        builder.position_at_end(done)
+        return i, phis
+
+    def _csa_group(builder, a: _TileArgs, x_rows, w_ptr_b, w0, n_words: int, masked: bool, tile_words: int):
+        """Disagreement counts of one group of ``n_words`` input words (from ``w0``) for every row, ``<8 x
+        i64>`` each: the words ``(x ^ s) & m`` (or ``x ^ s`` unmasked) go through a carry-save counter."""
+        const = a.const
+        counters = [_CarrySaveCounter(builder) for _ in x_rows]
+        for j in range(n_words):
+            w = builder.add(w0, const(j))
+            ptr = builder.gep(w_ptr_b, [builder.mul(w, const(tile_words))])
+            s = builder.load(_vec_ptr(builder, ptr, const(0), _V64), align=8)
+            m = builder.load(_vec_ptr(builder, ptr, const(LANES), _V64), align=8) if masked else None
+            for xr, counter in zip(x_rows, counters, strict=True):
+                # Broadcast straight from memory: LLVM folds the load into vpxorq / vpternlogq {1to8}.
+                xb = _splat(builder, builder.load(builder.gep(xr, [w])))
+                counter.add(builder.and_(builder.xor(xb, s), m) if masked else builder.xor(xb, s))
+        return [_weighted_popcount(builder, counter.columns()) for counter in counters]
+
+    def _csa_tile_body(builder, a: _TileArgs, rows: int, masked: bool, bits_out: bool):
+        """For each live 8-unit block ``b`` of tile ``t``: groups of ``CSA_GROUP`` words, then a tail group
+        of ``CSA_PAD`` (W is a multiple of ``CSA_PAD``), then that block's pre-activations are stored."""
+        const = a.const
+        tile_words = TILE_WORDS if masked else TILE_OUT
+        planes = 2 if masked else 1
+        width = a.n_in_words
+        x_rows = [builder.gep(a.x_data, [builder.mul(builder.add(a.row, const(r)), width)]) for r in range(rows)]
+        w_base = builder.gep(a.wt_data, [builder.mul(a.t, builder.mul(width, const(tile_words)))])
+        unit0 = builder.mul(a.t, const(TILE_OUT))
+        if bits_out:
+            n_blocks = const(BLOCKS)  # padding units' bits must be written (as 0): all blocks
+        else:  # scores: only the blocks holding real units (the output layer's 10 classes: 2 of 8)
+            live = builder.sdiv(builder.add(builder.sub(a.out_cols, unit0), const(LANES - 1)), const(LANES))
+            n_blocks = builder.select(builder.icmp_signed("<", live, const(BLOCKS)), live, const(BLOCKS))
+        out_rows = [
+            builder.gep(a.out_data, [builder.mul(builder.add(a.out_row, const(r)), a.out_cols)]) for r in range(rows)
+        ]
+        zero = ir.Constant(_V64, None)
+
+        def block(b, _):
+            w_ptr_b = builder.gep(w_base, [builder.mul(b, const(planes * LANES))])
+
+            def group(w, acc):
+                counts = _csa_group(builder, a, x_rows, w_ptr_b, w, CSA_GROUP, masked, tile_words)
+                return builder.add(w, const(CSA_GROUP)), [builder.add(x, c) for x, c in zip(acc, counts, strict=True)]
+
+            def more(w):
+                return builder.icmp_signed("<=", builder.add(w, const(CSA_GROUP)), width)
+
+            w_end, acc = _emit_loop(builder, "csa.groups", const(0), [zero] * rows, more, group)
+            before_tail = builder.block
+            with builder.if_then(builder.icmp_signed("<", w_end, width)):
+                counts = _csa_group(builder, a, x_rows, w_ptr_b, w_end, CSA_PAD, masked, tile_words)
+                tail_acc = [builder.add(x, c) for x, c in zip(acc, counts, strict=True)]
+                tail_block = builder.block
+            merged = []
+            for x, y in zip(acc, tail_acc, strict=True):
+                phi = builder.phi(_V64)
+                phi.add_incoming(x, before_tail)
+                phi.add_incoming(y, tail_block)
+                merged.append(phi)
+            first = builder.add(unit0, builder.mul(b, const(LANES)))
+            off = builder.load(_vec_ptr(builder, a.off_data, first, _V64), align=8)
+            for r in range(rows):
+                # Disagreements, masked or not: a = tile_offset - 2 d (tile_layout.layout_layer, csa).
+                pre = _preactivation(builder, merged[r], off, False)
+                if bits_out:  # byte b of output word t: units 64 t + 8 b .. + 7
+                    word_ptr = builder.bitcast(builder.gep(out_rows[r], [a.t]), _I8.as_pointer())
+                    builder.store(_sign_byte(builder, pre), builder.gep(word_ptr, [b]), align=1)
+                else:
+                    _store_block_scores(builder, a, pre, out_rows[r], first)
+            return builder.add(b, const(1)), []
+
+        _emit_loop(builder, "csa.blocks", const(0), [], lambda b: builder.icmp_signed("<", b, n_blocks), block)
+
+    def _make_tile(rows: int, masked: bool, csa: bool):
         """Micro-kernel ``tile(x, row, wt, t, off, out, out_row)``: rows ``row .. row+rows-1`` of ``x`` times
         tile ``t`` (64 units) of the prepared weights ``wt``, written to ``out`` rows ``out_row ..``.
 
         ``masked``: tiles hold sign and mask planes, ``a = 2 * popcount(~(x ^ s) & m) + off``.
         Unmasked (layers without zero weights): tiles hold signs only and ``a = off - 2 * popcount(x ^ s)``
         with ``off = bias + n_in``; input bits past ``n_in`` must be 0 (their sign bits are 0 too).
+        ``csa``: carry-save counting, ``x``'s row width (= the layout's input words) a multiple of
+        ``CSA_PAD``; otherwise the vector popcount over any width.
         ``out`` int32 ``[*, n_out]``: pre-activations (masked store of the lanes ``< n_out``).
-        ``out`` uint64 ``[*, ceil(n_out/64)]``: word ``t`` of each row = the 64 bits ``a >= 0``.
+        ``out`` uint64 ``[*, ceil(n_out/64)]`` or wider: word ``t`` of each row = the 64 bits ``a >= 0``.
         Written as LLVM IR so the 8-lane accumulators are SSA values that live in registers across the
         loop over input words (numba's own loops would keep them in memory or reduce horizontally).
         """
@@ -248,26 +532,61 @@ if UNAVAILABLE_REASON is None:
 
             def codegen(context, builder, signature, args):
                 tile_args = _TileArgs(context, builder, signature, args)
-                acc = _loop_over_input_words(builder, tile_args, rows, masked, tile_words)
-                _epilogue(builder, tile_args, acc, masked, bits_out)
+                if csa:
+                    _csa_tile_body(builder, tile_args, rows, masked, bits_out)
+                else:
+                    acc = _loop_over_input_words(builder, tile_args, rows, masked, tile_words)
+                    _epilogue(builder, tile_args, acc, masked, bits_out)
                 return context.get_dummy_value()
 
             return sig, codegen
 
         return tile
 
-    _tile_block_masked = _make_tile(ROW_BLOCK, True)
-    _tile_one_masked = _make_tile(1, True)
-    _tile_block_unmasked = _make_tile(ROW_BLOCK, False)
-    _tile_one_unmasked = _make_tile(1, False)
+    _tile_block_masked = _make_tile(ROW_BLOCK, True, False)
+    _tile_one_masked = _make_tile(1, True, False)
+    _tile_block_unmasked = _make_tile(ROW_BLOCK, False, False)
+    _tile_one_unmasked = _make_tile(1, False, False)
+    # Carry-save: one row per call. 1, 2 and 3 rows measured the same (Cascade Lake, 1 core: the weights
+    # come from L1 either way and the ALU ops per row do not change), and one variant compiles faster.
+    _csa_masked = _make_tile(1, True, True)
+    _csa_unmasked = _make_tile(1, False, True)
+
+    @intrinsic
+    def _bits64(typingctx, x, row, col):
+        """Bools ``x[row, col : col + 64]`` (C-contiguous, one byte each) -> one word, bool ``k`` -> bit ``k``:
+        a 64-byte load, a compare with 0 and a mask move (vptestmb + kmovq, or two vpmovmskb on AVX2)."""
+        if not (isinstance(x, types.Array) and x.dtype == types.boolean and x.layout == "C" and x.ndim == 2):
+            return None
+        sig = types.uint64(x, row, col)
+
+        def codegen(context, builder, signature, args):
+            arr = context.make_array(signature.args[0])(context, builder, args[0])
+            n_cols = cgutils.unpack_tuple(builder, arr.shape, 2)[1]
+            data = builder.bitcast(arr.data, _I8.as_pointer())
+            start = builder.add(builder.mul(args[1], n_cols), args[2])
+            vec = builder.load(builder.bitcast(builder.gep(data, [start]), _B64.as_pointer()), align=1)
+            nonzero = builder.icmp_unsigned("!=", vec, ir.Constant(_B64, None))
+            return builder.bitcast(nonzero, _I64)
+
+        return sig, codegen
 
     @njit(cache=True, nogil=True)
-    def _block(x, r0, r1, wt, off, t0, t1, out, out_r0, masked):
+    def _block(x, r0, r1, wt, off, t0, t1, out, out_r0, masked, csa):
         """Rows ``[r0, r1)`` of ``x`` times tiles ``[t0, t1)``; row ``r`` lands in ``out[out_r0 + r - r0]``."""
         # Tiles outer, rows inner: one weight tile stays in L1 while all rows of the chunk use it.
         for t in range(t0, t1):
             r = r0
-            if masked:
+            if csa:
+                if masked:
+                    while r < r1:
+                        _csa_masked(x, r, wt, t, off, out, out_r0 + r - r0)
+                        r += 1
+                else:
+                    while r < r1:
+                        _csa_unmasked(x, r, wt, t, off, out, out_r0 + r - r0)
+                        r += 1
+            elif masked:
                 while r + ROW_BLOCK <= r1:
                     _tile_block_masked(x, r, wt, t, off, out, out_r0 + r - r0)
                     r += ROW_BLOCK
@@ -283,15 +602,15 @@ if UNAVAILABLE_REASON is None:
                     r += 1
 
     @njit(cache=True, nogil=True)
-    def layer_serial(x, wt, off, out, masked):
+    def layer_serial(x, wt, off, out, masked, csa):
         """One layer, all rows on the calling thread: ``out`` int32 scores or uint64 sign bits."""
         n = x.shape[0]
         n_tiles = off.shape[0] // TILE_OUT
         for r0 in range(0, n, CHUNK_ROWS):
-            _block(x, r0, min(n, r0 + CHUNK_ROWS), wt, off, 0, n_tiles, out, r0, masked)
+            _block(x, r0, min(n, r0 + CHUNK_ROWS), wt, off, 0, n_tiles, out, r0, masked, csa)
 
     @njit(cache=True, parallel=True)
-    def layer_parallel(x, wt, off, out, tiles_per_item, masked):
+    def layer_parallel(x, wt, off, out, tiles_per_item, masked, csa):
         """Work items = (chunk of rows) x (group of ``tiles_per_item`` tiles), handed out dynamically.
 
         Many rows: ``tiles_per_item = n_tiles`` (rows in parallel, each chunk reuses every weight tile).
@@ -305,65 +624,86 @@ if UNAVAILABLE_REASON is None:
             r0 = item // n_groups * CHUNK_ROWS
             t0 = item % n_groups * tiles_per_item
             t1 = min(n_tiles, t0 + tiles_per_item)
-            _block(x, r0, min(n, r0 + CHUNK_ROWS), wt, off, t0, t1, out, r0, masked)
+            _block(x, r0, min(n, r0 + CHUNK_ROWS), wt, off, t0, t1, out, r0, masked, csa)
 
     @njit(cache=True, nogil=True)
-    def pack_rows(groups, r0, r1, n_bytes, dest):
-        """Rows ``[r0, r1)`` of ``groups`` (uint64 = 8 bool bytes each) -> packed words ``dest[r - r0]``."""
-        magic = np.uint64(_MAGIC_PACK)
-        shift = np.uint64(56)
-        n_groups = (n_bytes + 7) // 8
-        n_dest = dest.shape[1]
-        for r in range(r0, r1):
-            for wd in range(n_dest):
-                word = np.uint64(0)
-                for k in range(8):
-                    g = wd * 8 + k
-                    if g < n_groups:
-                        word |= ((groups[r, g] * magic) >> shift) << np.uint64(8 * k)
-                dest[r - r0, wd] = word
+    def _pack_row(x, r, dest, dest_row):
+        """Bools ``x[r]`` -> packed words ``dest[dest_row]`` (bit order of ``pack_bits``); words past the
+        input's are zeroed (the padding the carry-save layouts and unmasked layers rely on)."""
+        n_in = x.shape[1]
+        full = n_in // 64
+        for k in range(full):
+            dest[dest_row, k] = _bits64(x, r, 64 * k)
+        k = full
+        if 64 * full < n_in:
+            word = np.uint64(0)
+            for j in range(n_in - 64 * full):
+                if x[r, 64 * full + j]:
+                    word |= np.uint64(1) << np.uint64(j)
+            dest[dest_row, k] = word
+            k += 1
+        for kk in range(k, dest.shape[1]):
+            dest[dest_row, kk] = 0
 
     @njit(cache=True, nogil=True)
-    def _network_chunk(groups, n_bytes, r0, r1, wbuf, obuf, meta, out, buf_a, buf_b):
+    def pack_rows(x, dest):
+        """Bools ``x [n, n_in]`` (C-contiguous) -> ``dest uint64 [n, >= ceil(n_in / 64)]``, zero padded."""
+        for r in range(x.shape[0]):
+            _pack_row(x, r, dest, r)
+
+    @njit(cache=True, nogil=True)
+    def _meta(model, li, col):
+        return np.int64(model[HEAD_WORDS + li * META_COLUMNS + col])
+
+    @njit(cache=True, nogil=True)
+    def _network_chunk(x, r0, r1, model, out, buf_a, buf_b):
         """Input rows ``[r0, r1)`` through every layer; hidden activations stay packed in ``buf_a``/``buf_b``."""
         rows = r1 - r0
-        n_layers = meta.shape[0]
-        width = meta[0, META_IN_WORDS]
+        n_layers = np.int64(model[HEAD_LAYERS])
+        csa = model[HEAD_CSA] != 0
+        width = _meta(model, 0, META_IN_WORDS)
         cur = buf_a[: rows * width].reshape((rows, width))
-        pack_rows(groups, r0, r1, n_bytes, cur)
+        for r in range(rows):
+            _pack_row(x, r0 + r, cur, r)
         for li in range(n_layers):
-            w_start, o_start = meta[li, META_WEIGHT_START], meta[li, META_OFFSET_START]
-            width, n_tiles = meta[li, META_IN_WORDS], meta[li, META_TILES]
-            masked = meta[li, META_MASKED] != 0
-            wt = wbuf[w_start : w_start + n_tiles * width * (TILE_WORDS if masked else TILE_OUT)]
-            off = obuf[o_start : o_start + n_tiles * TILE_OUT]
+            w_start, o_start = _meta(model, li, META_WEIGHT_START), _meta(model, li, META_OFFSET_START)
+            n_tiles = _meta(model, li, META_TILES)
+            masked = _meta(model, li, META_MASKED) != 0
+            wt = model[w_start : w_start + n_tiles * width * (TILE_WORDS if masked else TILE_OUT)]
+            off = model[o_start : o_start + n_tiles * TILE_OUT]
             if li == n_layers - 1:
-                _block(cur, 0, rows, wt, off, 0, n_tiles, out, r0, masked)
+                _block(cur, 0, rows, wt, off, 0, n_tiles, out, r0, masked, csa)
             else:
+                nxt_width = _meta(model, li + 1, META_IN_WORDS)
                 nxt_buf = buf_b if li % 2 == 0 else buf_a
-                nxt = nxt_buf[: rows * n_tiles].reshape((rows, n_tiles))
-                _block(cur, 0, rows, wt, off, 0, n_tiles, nxt, 0, masked)
+                nxt = nxt_buf[: rows * nxt_width].reshape((rows, nxt_width))
+                for r in range(rows):  # padding words of the next layer's input (carry-save layouts)
+                    for k in range(n_tiles, nxt_width):
+                        nxt[r, k] = 0
+                _block(cur, 0, rows, wt, off, 0, n_tiles, nxt, 0, masked, csa)
                 cur = nxt
+                width = nxt_width
 
     @njit(cache=True, nogil=True)
-    def network_serial(groups, n_bytes, wbuf, obuf, meta, out):
-        """Byte groups of input bits -> ``out`` int32 scores through all layers, on the calling thread."""
-        n = groups.shape[0]
-        max_words = meta[:, META_IN_WORDS].max()
-        buf_a = np.empty(CHUNK_ROWS * max_words, np.uint64)
-        buf_b = np.empty(CHUNK_ROWS * max_words, np.uint64)
+    def network_serial(x, model, out):
+        """Bools ``x [n, n_in]`` -> ``out`` int32 scores ``[n, n_classes]`` through all layers of the model
+        image, on the calling thread (the batch-1 path: buffers sized to the batch, no parallel region)."""
+        n = x.shape[0]
+        size = min(n, CHUNK_ROWS) * np.int64(model[HEAD_MAX_WORDS])
+        buf_a = np.empty(size, np.uint64)
+        buf_b = np.empty(size, np.uint64)
         for r0 in range(0, n, CHUNK_ROWS):
-            _network_chunk(groups, n_bytes, r0, min(n, r0 + CHUNK_ROWS), wbuf, obuf, meta, out, buf_a, buf_b)
+            _network_chunk(x, r0, min(n, r0 + CHUNK_ROWS), model, out, buf_a, buf_b)
 
     @njit(cache=True, parallel=True)
-    def network_parallel(groups, n_bytes, wbuf, obuf, meta, out):
+    def network_parallel(x, model, out):
         """As :func:`network_serial`, chunks of rows in parallel: one parallel region for the whole network,
         each chunk runs all layers on one thread."""
-        n = groups.shape[0]
-        max_words = meta[:, META_IN_WORDS].max()
+        n = x.shape[0]
+        size = CHUNK_ROWS * np.int64(model[HEAD_MAX_WORDS])
         n_chunks = (n + CHUNK_ROWS - 1) // CHUNK_ROWS
         for c in prange(n_chunks):
             r0 = c * CHUNK_ROWS
-            buf_a = np.empty(CHUNK_ROWS * max_words, np.uint64)
-            buf_b = np.empty(CHUNK_ROWS * max_words, np.uint64)
-            _network_chunk(groups, n_bytes, r0, min(n, r0 + CHUNK_ROWS), wbuf, obuf, meta, out, buf_a, buf_b)
+            buf_a = np.empty(size, np.uint64)
+            buf_b = np.empty(size, np.uint64)
+            _network_chunk(x, r0, min(n, r0 + CHUNK_ROWS), model, out, buf_a, buf_b)

@@ -23,6 +23,9 @@ Public API (this module dispatches; :mod:`bnn_core.kernel_codegen` holds the com
   repeated calls skip the re-layout; :class:`KernelNetwork` runs a whole :class:`PackedNetwork`
   (input packing included) in one compiled call.
 - :func:`pack_input_bits`: booleans -> packed words, bit-identical to :func:`bnn_core.packed.pack_bits`.
+- Counting: vector popcount or carry-save (Harley-Seal), chosen for the CPU numba compiles for
+  (:data:`bnn_core.kernel_codegen.CSA_DEFAULT`; ``csa=`` overrides it per layer / network, which the tests
+  use to run both on any machine). Both give the same integers.
 - Fallback: :func:`bnn_core.packed.preactivations_numpy` (the same integers), used when numba is missing,
   ``BNN_DISABLE_FAST_KERNEL=1``, or numba fails to compile a kernel (a ``NumbaError``: then a warning goes
   to stderr once and the whole process stays on numpy). Any other exception propagates.
@@ -33,6 +36,11 @@ handed out dynamically); few rows but a big layer -> output tiles in parallel; a
 ``PARALLEL_MIN_WORK`` runs on the calling thread. A parallel region costs >= 6 us when the other core is
 idle and stalls for a scheduler tick (4-12 ms) when another process holds it, while a batch-1
 1024 x 1024 layer takes 1.3 us on one thread. So batch 1 never goes parallel.
+
+Batch 1 (and any batch up to ``CHUNK_ROWS`` rows): :meth:`KernelNetwork.forward_counts` takes a short path
+for C-contiguous bool input, a few attribute checks, one ``np.empty`` and one compiled call with three
+arguments (the input, the model image, the output), because at batch 1 the compute is ~2 us on an AVX-512
+VPOPCNTDQ core and the Python and dispatch overhead around it was as large (README, benchmark section).
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnn_core import kernel_codegen as codegen
-from bnn_core.kernel_codegen import CHUNK_ROWS, ROW_BLOCK, TILE_OUT
+from bnn_core.kernel_codegen import CHUNK_ROWS, CSA_DEFAULT, ROW_BLOCK, TILE_OUT
 from bnn_core.packed import (
     WORD_BITS,
     PackedNetwork,
@@ -55,7 +63,7 @@ from bnn_core.packed import (
     pack_bits,
     preactivations_numpy,
 )
-from bnn_core.tile_layout import layout_layer, leading_ones, network_layout
+from bnn_core.tile_layout import layout_layer, leading_ones, network_image
 
 if codegen.UNAVAILABLE_REASON is None:
     from numba import get_num_threads, parallel_chunksize
@@ -142,13 +150,15 @@ def _parallel_ok(work: int) -> bool:
 class KernelLayer:
     """One layer in the fast kernel's tile layout (see :func:`prepare_layer`)."""
 
-    tiles: np.ndarray  # uint64, flat [n_tiles, W, 8, 2, 8], or [n_tiles, W, 8, 8] when not masked
+    tiles: np.ndarray  # uint64, flat [n_tiles, in_words, 8, 2, 8], or [n_tiles, in_words, 8, 8] when not masked
     tile_offset: np.ndarray  # int64 [n_tiles * 64]: the kernel's constant term (bias + n_in if unmasked); pad -1
     signs: np.ndarray  # the planes (sign bits cleared where the mask is 0), kept for the numpy fallback
     mask: np.ndarray
     offset: np.ndarray  # int64 [n_out]: bias - popcount(mask row), as PackedLayer.offset
     masked: bool  # False: no zero weights; the kernel skips the mask plane
     input_bits: int  # unmasked layers: input bits past this are cleared before the kernel sees them
+    in_words: int  # input words per row the kernel reads: n_in_words, padded to CSA_PAD for carry-save
+    csa: bool  # carry-save counting (else vector popcount)
 
     @property
     def n_out(self) -> int:
@@ -197,25 +207,43 @@ class KernelLayer:
             return False
         if n == 0:
             return True
-        if not _parallel_ok(n * self.n_tiles * TILE_OUT * self.n_in_words):
-            return _run_fast(codegen.layer_serial, x_words, self.tiles, self.tile_offset, out, self.masked)
+        if self.in_words != self.n_in_words:  # carry-save layout: zero words up to a multiple of CSA_PAD
+            padded = np.zeros((n, self.in_words), dtype=np.uint64)
+            padded[:, : self.n_in_words] = x_words
+            x_words = padded
+        args = (x_words, self.tiles, self.tile_offset, out)
+        if not _parallel_ok(n * self.n_tiles * TILE_OUT * self.in_words):
+            return _run_fast(codegen.layer_serial, *args, self.masked, self.csa)
         # Enough row chunks for every thread: rows in parallel; otherwise split the output tiles too.
         n_chunks = -(-n // CHUNK_ROWS)
         per_item = self.n_tiles if n_chunks >= 2 * get_num_threads() else 1
-        return _run_fast(codegen.layer_parallel, x_words, self.tiles, self.tile_offset, out, per_item, self.masked)
+        return _run_fast(codegen.layer_parallel, *args, per_item, self.masked, self.csa)
 
 
-def prepare_layer(signs: np.ndarray, mask: np.ndarray, offset: np.ndarray, allow_unmasked: bool = True) -> KernelLayer:
+def prepare_layer(
+    signs: np.ndarray, mask: np.ndarray, offset: np.ndarray, allow_unmasked: bool = True, csa: bool | None = None
+) -> KernelLayer:
     """Lay out one layer for the kernel: sign/mask planes ``uint64 [n_out, W]``, offset ``int64 [n_out]``
-    (``bias - popcount(mask row)``, any integer bias).
+    (``bias - popcount(mask row)``, any integer bias). ``csa``: carry-save counting (None: this CPU's
+    default, :data:`bnn_core.kernel_codegen.CSA_DEFAULT`).
 
     A layer without zero weights gets the unmasked kernel (sign plane only); see
     :func:`bnn_core.tile_layout.layout_layer` for why it gives the same integers.
     """
     _, signs, mask, offset = _check(np.zeros((0, np.shape(signs)[-1]), np.uint64), signs, mask, offset)
     signs = signs & mask  # sign bits under a zero mask never count; clearing them lets both kernels agree
-    layout = layout_layer(signs, mask, offset, allow_unmasked)
-    return KernelLayer(layout.tiles, layout.tile_offset, signs, mask, offset, layout.masked, layout.input_bits)
+    layout = layout_layer(signs, mask, offset, allow_unmasked, CSA_DEFAULT if csa is None else csa)
+    return KernelLayer(
+        layout.tiles,
+        layout.tile_offset,
+        signs,
+        mask,
+        offset,
+        layout.masked,
+        layout.input_bits,
+        layout.in_words,
+        layout.csa,
+    )
 
 
 def preactivations(x_words: np.ndarray, signs: np.ndarray, mask: np.ndarray, offset: np.ndarray) -> np.ndarray:
@@ -248,25 +276,21 @@ def _as_bool(bits: np.ndarray) -> np.ndarray:
     return bits if bits.dtype == np.bool_ else bits > 0  # +-1 (or 0/1) inputs: +1 -> True
 
 
-def _byte_groups(bits: np.ndarray) -> tuple[np.ndarray, int]:
-    """Booleans ``[n, n_in]`` -> ``uint64 [n, ceil(n_in/8)]`` holding 8 bool bytes each (a view when possible)."""
-    bits = _as_bool(bits)
-    if bits.ndim != 2:
-        raise ValueError(f"input bits must be [n, n_in], got shape {bits.shape}")
-    n, n_in = bits.shape
-    if n_in % 8 or not bits.flags.c_contiguous or not bits.flags.writeable:
-        padded = np.zeros((n, -(-n_in // 8) * 8), dtype=np.bool_)
-        padded[:, :n_in] = bits
-        bits = padded
-    return bits.view(np.uint64), n_in
+def _bool_rows(bits: np.ndarray) -> np.ndarray:
+    """Input bits as the compiled packers read them: a C-contiguous bool array (a copy only if needed)."""
+    if type(bits) is np.ndarray and bits.dtype == np.bool_ and bits.flags.c_contiguous:
+        return bits
+    return np.ascontiguousarray(_as_bool(bits))
 
 
 def pack_input_bits(bits: np.ndarray) -> np.ndarray:
     """Booleans (or +-1) ``[n, n_in]`` -> ``uint64 [n, ceil(n_in/64)]``, identical to ``pack_bits(bits > 0)``."""
     if _fast():
-        groups, n_in = _byte_groups(bits)
-        out = np.empty((len(groups), n_words(n_in)), dtype=np.uint64)
-        if _run_fast(codegen.pack_rows, groups, 0, len(groups), n_in, out):
+        rows = _bool_rows(bits)
+        if rows.ndim != 2:
+            raise ValueError(f"input bits must be [n, n_in], got shape {rows.shape}")
+        out = np.empty((len(rows), n_words(rows.shape[1])), dtype=np.uint64)
+        if _run_fast(codegen.pack_rows, rows, out):
             return out
     return pack_bits(_as_bool(bits))
 
@@ -277,53 +301,65 @@ class KernelNetwork:
 
     layers: tuple[KernelLayer, ...]
     n_in: int
-    weights: np.ndarray  # all layers' tiles, concatenated (each layer starts on a cache line)
-    tile_offsets: np.ndarray  # all layers' padded tile offsets, concatenated
-    meta: np.ndarray  # int64 [layers, META_COLUMNS]: columns kernel_codegen.META_* (buffer starts, sizes, masked)
+    n_classes: int
+    model: np.ndarray  # the model image: uint64, all layers (bnn_core.tile_layout.network_image)
+    csa: bool  # carry-save counting (else vector popcount)
+    word_ops_per_row: int  # 64-bit XNOR-popcount word operations per input row, over the real units
 
     @classmethod
-    def from_packed(cls, net: PackedNetwork) -> KernelNetwork:
+    def from_packed(cls, net: PackedNetwork, csa: bool | None = None) -> KernelNetwork:
+        """Lay out every layer (``csa``: carry-save counting; None: this CPU's default)."""
+        csa = CSA_DEFAULT if csa is None else csa
         layers = []
         for lay in net.layers:
-            fast = prepare_layer(lay.signs, lay.mask, lay.offset)
+            fast = prepare_layer(lay.signs, lay.mask, lay.offset, csa=csa)
             if not fast.masked and fast.input_bits != lay.n_in:  # zero columns at the end: keep the mask
-                fast = prepare_layer(lay.signs, lay.mask, lay.offset, allow_unmasked=False)
+                fast = prepare_layer(lay.signs, lay.mask, lay.offset, allow_unmasked=False, csa=csa)
             layers.append(fast)
         layers = tuple(layers)
         for prev, nxt in itertools.pairwise(layers):
             if nxt.n_in_words != prev.n_tiles:
                 raise ValueError("layer widths do not chain")
-        # Inputs here come from our own packers, so bits past n_in are always 0 (unmasked layers rely on it).
-        weights, tile_offsets, meta = network_layout(layers, [lay.n_in_words for lay in layers])
-        return cls(layers, net.n_in, weights, tile_offsets, meta)
+        # Inputs here come from our own packers, so bits (and padding words) past n_in are always 0, which
+        # unmasked layers and carry-save layouts rely on.
+        n_classes = layers[-1].n_out
+        model = network_image(layers, net.n_in, n_classes)
+        ops = sum(lay.n_out * lay.n_in_words for lay in layers)
+        return cls(layers, net.n_in, n_classes, model, csa, ops)
 
     @property
-    def n_classes(self) -> int:
-        return self.layers[-1].n_out
-
-    @property
-    def word_ops_per_row(self) -> int:
-        """64-bit XNOR-popcount word operations per input row, over the real (unpadded) units."""
-        return sum(lay.n_out * lay.n_in_words for lay in self.layers)
+    def meta(self) -> np.ndarray:
+        """``int64 [layers, META_COLUMNS]``: the model image's per-layer table (a copy)."""
+        start = codegen.HEAD_WORDS
+        return (
+            self.model[start : start + len(self.layers) * codegen.META_COLUMNS]
+            .reshape(len(self.layers), -1)
+            .astype(np.int64)
+        )
 
     def forward_counts(self, x_bits: np.ndarray) -> np.ndarray:
         """Integer scores ``int32 [n, n_classes]`` for input bits ``[n, n_in]`` (bool, or +-1 with +1 -> True).
 
         Equal to :meth:`bnn_core.packed.PackedNetwork.forward_counts`. Input packing, all hidden layers
         (packed sign bits straight from the accumulators) and the output layer run in one compiled call.
+        C-contiguous bool input skips every conversion (the batch-1 path: module docstring).
         """
-        if np.ndim(x_bits) != 2 or np.shape(x_bits)[1] != self.n_in:
+        x = _bool_rows(x_bits)
+        if x.ndim != 2 or x.shape[1] != self.n_in:
             raise ValueError(f"expected input bits [n, {self.n_in}], got shape {np.shape(x_bits)}")
-        if _fast():
-            groups, n_in = _byte_groups(x_bits)
-            out = np.empty((len(groups), self.n_classes), dtype=np.int32)
-            if len(groups) == 0:
+        if FAST_KERNEL_AVAILABLE and _fast_failure is None:
+            n = x.shape[0]
+            out = np.empty((n, self.n_classes), dtype=np.int32)
+            if n <= CHUNK_ROWS or not _parallel_ok(n * self.word_ops_per_row):
+                # _run_fast inlined: at batch 1 every Python call counts.
+                try:
+                    codegen.network_serial(x, self.model, out)
+                    return out
+                except NumbaError as exc:
+                    _fall_back(exc)
+            elif _run_fast(codegen.network_parallel, x, self.model, out):
                 return out
-            args = (groups, n_in, self.weights, self.tile_offsets, self.meta, out)
-            parallel = len(groups) > CHUNK_ROWS and _parallel_ok(len(groups) * self.word_ops_per_row)
-            if _run_fast(codegen.network_parallel if parallel else codegen.network_serial, *args):
-                return out
-        words = pack_bits(_as_bool(x_bits))
+        words = pack_bits(x)
         for lay in self.layers[:-1]:
             words = lay.forward_bits(words)
         return self.layers[-1].preactivations(words)
@@ -334,17 +370,18 @@ class KernelNetwork:
 
 
 def kernel_name() -> str:
-    """Which implementation runs: the numba tile kernel (and the vector ISA it compiles for) or numpy.
+    """Which implementation runs: the numba tile kernel (the CPU and vector ISA numba compiles for, which
+    ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` can change, and the counting method) or numpy.
 
     The fast kernel compiles lazily; if that ever fails the name turns into ``numpy-fallback (reason)``.
     """
     if not _fast():
         return f"numpy-fallback ({_fast_failure})"
-    from llvmlite import binding
-
-    features = binding.get_host_cpu_features()
-    isa = "avx512-vpopcntdq" if features.get("avx512vpopcntdq") else "no-vpopcntdq"
-    return (
-        f"numba-xnor-popcount ({isa}, {binding.get_host_cpu_name()}, {ROW_BLOCK}x{TILE_OUT} register tiles, "
-        f"{get_num_threads()} threads)"
-    )
+    name, features = codegen.target_cpu()
+    isa = "avx512-vpopcntdq" if "avx512vpopcntdq" in features else "no-vpopcntdq"
+    vector = "avx512bw" if "avx512bw" in features else ("avx2" if "avx2" in features else "no-avx2")
+    if CSA_DEFAULT:
+        counting = f"carry-save counting, {vector}, 1x{TILE_OUT} tiles"
+    else:
+        counting = f"vector popcount, {ROW_BLOCK}x{TILE_OUT} register tiles"
+    return f"numba-xnor-popcount ({isa}, {name}, {counting}, {get_num_threads()} threads)"

@@ -67,9 +67,10 @@ def integer_matmul(x_pm1, w, b):
     n_out=st.integers(1, 150),
     zero_fraction=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
     parallel=st.booleans(),
+    csa=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_kernel_equals_numpy_engine_and_integer_matmul(n, n_in, n_out, zero_fraction, parallel, seed):
+def test_kernel_equals_numpy_engine_and_integer_matmul(n, n_in, n_out, zero_fraction, parallel, csa, seed):
     rng = np.random.default_rng(seed)
     w, b = random_layer(rng, n_in, n_out, zero_fraction)
     x = rng.choice([-1, 1], (n, n_in))
@@ -78,7 +79,9 @@ def test_kernel_equals_numpy_engine_and_integer_matmul(n, n_in, n_out, zero_frac
     offset = layer.offset
     expected = preactivations_numpy(words, layer.signs, layer.mask, offset)
     np.testing.assert_array_equal(expected, integer_matmul(x, w, b))
-    with force_parallel() if parallel else mock.patch.object(K, "PARALLEL_MIN_WORK", 1 << 60):
+    threads = force_parallel() if parallel else mock.patch.object(K, "PARALLEL_MIN_WORK", 1 << 60)
+    # Both counting methods, whatever this CPU's default is.
+    with threads, mock.patch.object(K, "CSA_DEFAULT", csa):
         got = K.preactivations(words, layer.signs, layer.mask, offset)
         bits = K.forward_layer_bits(words, layer.signs, layer.mask, offset)
     assert got.dtype == np.int32 and got.shape == (n, n_out)
@@ -97,10 +100,11 @@ def test_kernel_equals_numpy_engine_and_integer_matmul(n, n_in, n_out, zero_frac
     zero_fraction=st.sampled_from([0.0, 0.3, 1.0]),
     kind=st.sampled_from(["integer", "extremes"]),
     parallel=st.booleans(),
+    csa=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_kernel_with_integer_constants_equals_numpy_engine_and_integer_matmul(
-    n, n_in, n_out, zero_fraction, kind, parallel, seed
+    n, n_in, n_out, zero_fraction, kind, parallel, csa, seed
 ):
     rng = np.random.default_rng(seed)
     w, c = random_layer(rng, n_in, n_out, zero_fraction, kind)
@@ -109,7 +113,8 @@ def test_kernel_with_integer_constants_equals_numpy_engine_and_integer_matmul(
     words = pack_bits(x > 0)
     reference = integer_matmul(x, w, c)
     np.testing.assert_array_equal(preactivations_numpy(words, layer.signs, layer.mask, layer.offset), reference)
-    prepared = K.prepare_layer(layer.signs, layer.mask, layer.offset)  # zero_fraction 0: the unmasked kernel
+    # zero_fraction 0: the unmasked kernel
+    prepared = K.prepare_layer(layer.signs, layer.mask, layer.offset, csa=csa)
     with force_parallel() if parallel else mock.patch.object(K, "PARALLEL_MIN_WORK", 1 << 60):
         got = prepared.preactivations(words)
         bits = prepared.forward_bits(words)
@@ -127,10 +132,11 @@ def test_kernel_with_integer_constants_equals_numpy_engine_and_integer_matmul(
     sparsity=st.sampled_from([0.0, 0.5]),
     kind=st.sampled_from(["integer", "extremes"]),
     parallel=st.booleans(),
+    csa=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_kernel_network_with_integer_constants_equals_packed_network_and_integer_reference(
-    n, n_in, hidden, n_classes, sparsity, kind, parallel, seed
+    n, n_in, hidden, n_classes, sparsity, kind, parallel, csa, seed
 ):
     rng = np.random.default_rng(seed)
     sizes = [n_in, *hidden, n_classes]
@@ -140,7 +146,7 @@ def test_kernel_network_with_integer_constants_equals_packed_network_and_integer
     reference = integer_forward(np.where(x, 1, -1), layers)
     np.testing.assert_array_equal(packed.forward_counts(x), reference)
     with force_parallel() if parallel else mock.patch.object(K, "PARALLEL_MIN_WORK", 1 << 60):
-        got = K.KernelNetwork.from_packed(packed).forward_counts(x)
+        got = K.KernelNetwork.from_packed(packed, csa=csa).forward_counts(x)
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, reference)
 
@@ -242,15 +248,16 @@ def test_output_bits_padding_is_zero_and_bit_order_matches_pack_bits():
     n_classes=st.integers(1, 12),
     sparsity=st.sampled_from([0.0, 0.5, 0.9]),
     parallel=st.booleans(),
+    csa=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_kernel_network_equals_packed_network(n, n_in, hidden, n_classes, sparsity, parallel, seed):
+def test_kernel_network_equals_packed_network(n, n_in, hidden, n_classes, sparsity, parallel, csa, seed):
     rng = np.random.default_rng(seed)
     sizes = [n_in, *hidden, n_classes]
     layers = [random_layer(rng, sizes[i], sizes[i + 1], sparsity) for i in range(len(sizes) - 1)]
     x = rng.random((n, n_in)) > 0.5
     packed = PackedNetwork.from_ternary(layers)
-    fast = K.KernelNetwork.from_packed(packed)
+    fast = K.KernelNetwork.from_packed(packed, csa=csa)
     expected = packed.forward_counts(x)
     with force_parallel() if parallel else mock.patch.object(K, "PARALLEL_MIN_WORK", 1 << 60):
         got = fast.forward_counts(x)
@@ -259,13 +266,14 @@ def test_kernel_network_equals_packed_network(n, n_in, hidden, n_classes, sparsi
     np.testing.assert_array_equal(fast.predict(x), packed.predict(x))
 
 
-def test_kernel_network_parallel_over_many_row_chunks():
+@pytest.mark.parametrize("csa", [False, True])
+def test_kernel_network_parallel_over_many_row_chunks(csa):
     rng = np.random.default_rng(5)
     layers = [random_layer(rng, 100, 130, 0.2), random_layer(rng, 130, 70, 0.0), random_layer(rng, 70, 10, 0.5)]
     x = rng.random((kernel_codegen.CHUNK_ROWS * 5 + 7, 100)) > 0.5
     packed = PackedNetwork.from_ternary(layers)
     with force_parallel():
-        got = K.KernelNetwork.from_packed(packed).forward_counts(x)
+        got = K.KernelNetwork.from_packed(packed, csa=csa).forward_counts(x)
     np.testing.assert_array_equal(got, packed.forward_counts(x))
 
 
@@ -354,20 +362,29 @@ def test_other_errors_propagate_and_keep_the_fast_kernel(error, monkeypatch, cap
     np.testing.assert_array_equal(fast.forward_counts(x), packed.forward_counts(x))
 
 
-def test_network_meta_columns_describe_each_layer():
+@pytest.mark.parametrize("csa", [False, True])
+def test_model_image_describes_each_layer(csa):
     rng = np.random.default_rng(10)
     layers = [random_layer(rng, 100, 130, 0.2), random_layer(rng, 130, 70, 0.0), random_layer(rng, 70, 10, 0.5)]
-    fast = K.KernelNetwork.from_packed(PackedNetwork.from_ternary(layers))
-    assert fast.meta.shape == (3, kernel_codegen.META_COLUMNS)
+    fast = K.KernelNetwork.from_packed(PackedNetwork.from_ternary(layers), csa=csa)
+    model, C = fast.model, kernel_codegen
+    assert model.dtype == np.uint64 and model.ctypes.data % 64 == 0
+    head = model[: C.HEAD_WORDS]
+    assert (head[C.HEAD_LAYERS], head[C.HEAD_N_IN], head[C.HEAD_CLASSES], head[C.HEAD_CSA]) == (3, 100, 10, csa)
+    assert head[C.HEAD_MAX_WORDS] == max(lay.in_words for lay in fast.layers)
+    assert fast.meta.shape == (3, C.META_COLUMNS)
     for li, lay in enumerate(fast.layers):
         row = fast.meta[li]
-        w_start, o_start = row[kernel_codegen.META_WEIGHT_START], row[kernel_codegen.META_OFFSET_START]
-        np.testing.assert_array_equal(fast.weights[w_start : w_start + lay.tiles.size], lay.tiles)
-        np.testing.assert_array_equal(fast.tile_offsets[o_start : o_start + lay.tile_offset.size], lay.tile_offset)
-        assert row[kernel_codegen.META_IN_WORDS] == lay.n_in_words
-        assert row[kernel_codegen.META_TILES] == lay.n_tiles
-        assert row[kernel_codegen.META_MASKED] == lay.masked
-        assert fast.weights[w_start:].ctypes.data % 64 == 0  # each layer starts on a cache line
+        w_start, o_start = row[C.META_WEIGHT_START], row[C.META_OFFSET_START]
+        np.testing.assert_array_equal(model[w_start : w_start + lay.tiles.size], lay.tiles)
+        offsets = model[o_start : o_start + lay.tile_offset.size].view(np.int64)
+        np.testing.assert_array_equal(offsets, lay.tile_offset)
+        assert row[C.META_IN_WORDS] == lay.in_words
+        assert row[C.META_TILES] == lay.n_tiles
+        assert row[C.META_MASKED] == lay.masked
+        assert w_start % 8 == 0  # each layer's tiles start on a cache line
+        # Carry-save layouts pad the input words to a multiple of CSA_PAD; the vector popcount reads them as is.
+        assert lay.in_words == (-(-lay.n_in_words // C.CSA_PAD) * C.CSA_PAD if csa else lay.n_in_words)
     assert [lay.masked for lay in fast.layers] == [True, False, True]
 
 
@@ -413,3 +430,125 @@ def test_fast_kernel_is_available_here():
     """numba is a dependency: if the fast kernel is missing, the install is broken."""
     assert K.FAST_KERNEL_AVAILABLE
     assert K.kernel_name().startswith("numba-xnor-popcount")
+
+
+# ------------------------------------------------------------------------------------------ batch-1 path
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.sampled_from([1, 1, 1, 2, 3, 5, 7]),
+    n_in=st.integers(1, 300),
+    hidden=st.lists(st.integers(1, 200), min_size=0, max_size=3),
+    n_classes=st.integers(1, 20),
+    sparsity=st.sampled_from([0.0, 0.5]),
+    kind=st.sampled_from(["binary", "integer"]),
+    csa=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_small_batches_equal_the_numpy_engine(n, n_in, hidden, n_classes, sparsity, kind, csa, seed):
+    """The short path (C-contiguous bool input, one compiled call) on random networks with odd widths:
+    input bits not a multiple of 8 or 64, units not a multiple of 8 or 64, ties at zero."""
+    rng = np.random.default_rng(seed)
+    sizes = [n_in, *hidden, n_classes]
+    layers = [random_layer(rng, sizes[i], sizes[i + 1], sparsity, kind) for i in range(len(sizes) - 1)]
+    packed = PackedNetwork.from_ternary(layers)
+    fast = K.KernelNetwork.from_packed(packed, csa=csa)
+    x = rng.random((n, n_in)) > 0.5
+    expected = packed.forward_counts(x)
+    np.testing.assert_array_equal(expected, integer_forward(np.where(x, 1, -1), layers))
+    for row in range(n):  # batch 1, each row on its own
+        np.testing.assert_array_equal(fast.forward_counts(x[row : row + 1]), expected[row : row + 1])
+    np.testing.assert_array_equal(fast.forward_counts(x), expected)
+
+
+@needs_numba
+@pytest.mark.parametrize("csa", [False, True])
+def test_batch_1_makes_one_compiled_call_and_converts_other_inputs(csa, monkeypatch):
+    rng = np.random.default_rng(12)
+    layers = [random_layer(rng, 784, 130, 0.0), random_layer(rng, 130, 10, 0.3)]
+    packed = PackedNetwork.from_ternary(layers)
+    fast = K.KernelNetwork.from_packed(packed, csa=csa)
+    x = rng.random((4, 784)) > 0.5
+    expected = packed.forward_counts(x)
+    calls = []
+    real = kernel_codegen.network_serial
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(kernel_codegen, "network_serial", counting)
+    got = fast.forward_counts(x[:1])
+    np.testing.assert_array_equal(got, expected[:1])
+    assert len(calls) == 1
+    assert np.shares_memory(calls[0][0], x)  # C-contiguous bool input: passed on as it is, no copy
+    assert len(calls[0]) == 3  # input, model image, output
+    # Inputs the short path does not take as they are: a column slice, +-1 integers, a list.
+    np.testing.assert_array_equal(fast.forward_counts(np.asfortranarray(x[1:2])), expected[1:2])
+    np.testing.assert_array_equal(fast.forward_counts(np.where(x[2:3], 1, -1)), expected[2:3])
+    np.testing.assert_array_equal(fast.forward_counts(x[3:4].tolist()), expected[3:4])
+    wide = np.zeros((1, 2 * 784), bool)
+    wide[:, ::2] = x[:1]
+    np.testing.assert_array_equal(fast.forward_counts(wide[:, ::2]), expected[:1])  # not contiguous
+    with pytest.raises(ValueError, match=r"expected input bits \[n, 784\]"):
+        fast.forward_counts(x[:, :700])
+    with pytest.raises(ValueError, match=r"expected input bits"):
+        fast.forward_counts(x[0])
+    assert fast.forward_counts(x[:0]).shape == (0, 10)
+
+
+@needs_numba
+def test_both_counting_methods_give_the_paper_network_s_scores():
+    """The benchmark's architecture (784 -> 3 x 1024 -> 10, +-1 weights) at batch 1, 2 and 100."""
+    rng = np.random.default_rng(13)
+    sizes = [784, 1024, 1024, 1024, 10]
+    layers = [random_layer(rng, sizes[i], sizes[i + 1], 0.0) for i in range(4)]
+    packed = PackedNetwork.from_ternary(layers)
+    x = rng.random((100, 784)) > 0.5
+    expected = packed.forward_counts(x)
+    for csa in (False, True):
+        fast = K.KernelNetwork.from_packed(packed, csa=csa)
+        for n in (1, 2, 100):
+            np.testing.assert_array_equal(fast.forward_counts(x[:n]), expected[:n])
+
+
+def test_target_cpu_reads_numba_s_settings():
+    name, features = kernel_codegen.target_cpu()
+    assert isinstance(name, str) and isinstance(features, frozenset)
+    code = (
+        "from bnn_core import kernel_codegen as C, kernels as K\n"
+        "name, features = C.target_cpu()\n"
+        "assert name == 'haswell', name\n"
+        "assert 'avx2' in features and 'avx512f' not in features, features\n"
+        "assert C.CSA_DEFAULT is C._is_x86()\n"
+        "assert 'haswell' in K.kernel_name()\n"
+    )
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL_FEATURES}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
+
+
+HASWELL_FEATURES = "+avx,+avx2,+bmi,+bmi2,+fma,+popcnt,+sse4.2,-avx512f,-avx512bw,-avx512vpopcntdq"
+
+
+@pytest.mark.slow
+@needs_numba
+def test_avx2_build_gives_the_same_scores():
+    """numba built for Haswell (AVX2, no AVX-512): both counting methods, in a subprocess (its own compile)."""
+    code = (
+        "import numpy as np\n"
+        "from bnn_core import kernels as K\n"
+        "from bnn_core.packed import PackedNetwork\n"
+        "rng = np.random.default_rng(0)\n"
+        "sizes = [200, 130, 70, 10]\n"
+        "layers = [(rng.choice([-1, 0, 1], (b, a)), rng.choice([-1, 1], b)) for a, b in zip(sizes, sizes[1:])]\n"
+        "layers[1] = (np.where(layers[1][0] == 0, 1, layers[1][0]), layers[1][1])\n"
+        "packed = PackedNetwork.from_ternary(layers)\n"
+        "x = rng.random((300, 200)) > 0.5\n"
+        "for csa in (False, True):\n"
+        "    got = K.KernelNetwork.from_packed(packed, csa=csa).forward_counts(x)\n"
+        "    assert (got == packed.forward_counts(x)).all(), csa\n"
+        "    assert (K.KernelNetwork.from_packed(packed, csa=csa).forward_counts(x[:1]) == got[:1]).all()\n"
+    )
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL_FEATURES}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600, env=env)
