@@ -25,6 +25,7 @@ from bnn_core.packed import PackedNetwork
 from bnn_core.speed import throughput
 from pipeline.artifacts import read_features, read_input_encoder
 from pipeline.files import atomic_path, write_json, write_text
+from pipeline.model_registry import log_and_register
 from pipeline.networks_io import load_bitwise, load_compressed
 from pipeline.stage import StageContext, stage_main
 from pipeline.tracking import StageTracker
@@ -118,6 +119,7 @@ def run(ctx: StageContext) -> None:
     ctx.tracker.log_metrics({f"speed/{key}": value for key, value in speed.items() if key != "kernel"})
     ctx.tracker.log_artifact(ctx.artifacts.cost_table)
     ctx.tracker.log_artifact(ctx.artifacts.bnn_model, "model")
+    registered = log_and_register(ctx.tracker, ctx.artifacts.bnn_model, metrics, splits.pixels_test)
     print(
         f"evaluate: tanh-compressed {metrics['compressed']['test_accuracy']:.4f}, bitwise "
         f"{metrics['bnn']['test_accuracy']:.4f} test accuracy (the three engines agree on all {len(y)} test "
@@ -125,6 +127,8 @@ def run(ctx: StageContext) -> None:
         f"model file {file_bytes:,} bytes; fast kernel {speed['speedup_vs_float']:.1f}x float32 "
         f"({speed['kernel']}) -> {ctx.artifacts.metrics}"
     )
+    if registered is not None:
+        print(f"evaluate: MLflow model models:/{registered.name}/{registered.version} (pyfunc; `mlflow models serve`)")
 
 
 main = stage_main("evaluate", run)
