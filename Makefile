@@ -23,7 +23,7 @@ repro: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
 # Debian tools the C export's tests build and run with (ARM cross-compilers, qemu-arm): installs what is
 # missing when run as root with apt-get, otherwise says why not (those tests then skip, naming the tool).

@@ -1,24 +1,22 @@
 #!/usr/bin/env bash
 # Debian packages that the C export's tests (tests/test_export_c.py) build and run with: a Cortex-M7
-# cross-compiler with its C library headers, a 32-bit ARM Linux cross-compiler with its static libc, and
-# qemu-arm. Installs only what is missing, and only as root with apt-get; otherwise it says why it skipped
-# (those tests then skip, naming the tool). Called by .ci/run before `make test`.
+# cross-compiler, a 32-bit ARM Linux cross-compiler with its static libc, and qemu-arm. Installs only what
+# is missing, and only as root with apt-get; otherwise it says why it skipped (those tests then skip,
+# naming the tool). `make test` (and so .ci/run) calls it.
 set -euo pipefail
 
 probe_dir=$(mktemp -d)
 trap 'rm -rf "$probe_dir"' EXIT
 printf '#include <stdint.h>\nint main(void) { return (int)UINT8_C(0); }\n' > "$probe_dir/probe.c"
 
-# Probing by compiling, not by package name: a tool on PATH from elsewhere counts, and both C libraries
-# are only "Recommends" of their compilers, which --no-install-recommends leaves out.
+# Probing by compiling, not by package name: a tool on PATH from elsewhere counts, and the armhf C library
+# is only a "Recommends" of its compiler, which --no-install-recommends leaves out.
 missing=()
 command -v make > /dev/null || missing+=(make)
 command -v cc > /dev/null || missing+=(gcc libc6-dev)
-if ! command -v arm-none-eabi-gcc > /dev/null; then
-    missing+=(gcc-arm-none-eabi libnewlib-arm-none-eabi)
-elif ! arm-none-eabi-gcc -mcpu=cortex-m7 -mthumb -c -o "$probe_dir/m7.o" "$probe_dir/probe.c" 2> /dev/null; then
-    missing+=(libnewlib-arm-none-eabi)  # the compiler without newlib has no stdint.h
-fi
+# The Cortex-M7 build is freestanding (bnn_model.c needs only the compiler's own headers), so no newlib:
+# it would be the largest download here (45 MB, 370 MB unpacked).
+command -v arm-none-eabi-gcc > /dev/null || missing+=(gcc-arm-none-eabi)
 if ! command -v arm-linux-gnueabihf-gcc > /dev/null; then
     missing+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
 elif ! arm-linux-gnueabihf-gcc -static -o "$probe_dir/armhf" "$probe_dir/probe.c" 2> /dev/null; then
@@ -27,7 +25,7 @@ fi
 command -v qemu-arm > /dev/null || missing+=(qemu-user)
 
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "system_deps: make, cc, arm-none-eabi-gcc (+newlib), arm-linux-gnueabihf-gcc (+libc), qemu-arm: all present"
+    echo "system_deps: make, cc, arm-none-eabi-gcc, arm-linux-gnueabihf-gcc (+libc), qemu-arm: all present"
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then

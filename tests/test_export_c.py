@@ -5,8 +5,9 @@ dense, sparse, multi-plane (lloyd_max, thermometer), integer-threshold and one-l
 header states, and runs bit-exact as a 32-bit ARM Linux binary under qemu. Bad input to the entry point
 is one error line, exit status 2, and nothing written.
 
-The cross-compiler tests need ``gcc-arm-none-eabi``, ``libnewlib-arm-none-eabi``, ``gcc-arm-linux-gnueabihf``
-and ``qemu-user`` (``scripts/system_deps.sh`` installs them) and skip, naming the tool, without them.
+The cross-compiler tests need ``gcc-arm-none-eabi`` (the library is compiled freestanding, as firmware
+is: it needs no C library, so no newlib), ``gcc-arm-linux-gnueabihf`` and ``qemu-user``
+(``scripts/system_deps.sh`` installs them) and skip, naming the tool, without them.
 """
 
 from __future__ import annotations
@@ -332,13 +333,16 @@ def section_sizes(size_tool: str, obj: Path) -> dict[str, int]:
 @pytest.mark.slow  # two cross-compiles
 @pytest.mark.parametrize("word_bits", WORD_SIZES)
 def test_cortex_m7_object_has_the_stated_flash_and_ram(tmp_path, word_bits):
-    """``arm-none-eabi-gcc -mcpu=cortex-m7 -mthumb -Os``: the model is all ``.rodata`` (flash), the
-    activation buffers all ``.bss``, nothing in ``.data``; the sizes are the ones the header states."""
+    """``arm-none-eabi-gcc -mcpu=cortex-m7 -mthumb -Os -ffreestanding``: the model is all ``.rodata``
+    (flash), the activation buffers all ``.bss``, nothing in ``.data``; the sizes are the ones the header
+    states. Freestanding: ``bnn_model.c`` uses only the compiler's own headers (stdint.h, limits.h,
+    stddef.h), so it builds without a C library."""
     gcc, size = tool("arm-none-eabi-gcc"), tool("arm-none-eabi-size")
     model = make_model("thresholds")
     folder = write_export(model, word_bits, tmp_path)
     obj = folder / "bnn_model.o"
-    cmd = [gcc, "-mcpu=cortex-m7", "-mthumb", "-Os", "-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror"]
+    cmd = [gcc, "-mcpu=cortex-m7", "-mthumb", "-Os", "-ffreestanding", "-std=c99", "-Wall", "-Wextra", "-pedantic"]
+    cmd.append("-Werror")
     result = subprocess.run([*cmd, "-c", "-o", str(obj), str(folder / "bnn_model.c")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     sections = section_sizes(size, obj)
