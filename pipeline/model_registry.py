@@ -54,7 +54,7 @@ from bnn_core.bitwise_model import BitwiseModel
 from bnn_core.model_file import load_bitwise_model
 from pipeline import mlflow_model
 from pipeline.stages import REPO_ROOT, code_deps
-from pipeline.tracking import StageTracker, _with_retries
+from pipeline.tracking import StageTracker, with_retries
 
 #: The registered model every evaluate run adds a version to.
 REGISTERED_MODEL = "bitwise-nn"
@@ -167,14 +167,14 @@ def log_and_register(tracker: StageTracker, model_file: Path, metrics: dict, exa
     model = load_bitwise_model(model_file)
     try:
         # The tracker's run is the active one (StageTracker.start), so log_model attaches the model to it.
-        info = _with_retries(lambda: log_model(model_file, model, example_pixels))
+        info = with_retries(lambda: log_model(model_file, model, example_pixels))
     except (MlflowException, OSError) as err:
         _warn(tracker, f"log {model_file} as an MLflow model", err)
         return None
     try:
-        run_tags = _with_retries(lambda: mlflow.get_run(tracker.run_id).data.tags)
+        run_tags = with_retries(lambda: mlflow.get_run(tracker.run_id).data.tags)
         tags = version_tags(metrics, model.metadata, run_tags.get("pipeline_run"))
-        return _with_retries(lambda: register(info.model_uri, tags))
+        return with_retries(lambda: register(info.model_uri, tags))
     except (MlflowException, OSError) as err:
         _warn(tracker, f"register the model as {REGISTERED_MODEL!r}", err)
         return None

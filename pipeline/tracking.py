@@ -98,7 +98,7 @@ def git_commit(root: Path) -> tuple[str, bool]:
         return "unknown", True
 
 
-def _with_retries(fn: Callable[[], T], attempts: int = 8) -> T:
+def with_retries(fn: Callable[[], T], attempts: int = 8) -> T:
     """Parallel jobs share one SQLite file: retry briefly when it is locked by another writer."""
     for attempt in range(attempts):
         try:
@@ -122,12 +122,12 @@ def ensure_experiment(uri: str, name: str) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    experiment = _with_retries(lambda: client.get_experiment_by_name(name))
+    experiment = with_retries(lambda: client.get_experiment_by_name(name))
     if experiment is not None:
         return experiment.experiment_id
     location = (project_root() / "mlruns").as_uri() if uri == default_tracking_uri() else None
     try:
-        return _with_retries(lambda: client.create_experiment(name, artifact_location=location))
+        return with_retries(lambda: client.create_experiment(name, artifact_location=location))
     except Exception:
         # Another job created it between our lookup and create.
         experiment = client.get_experiment_by_name(name)
@@ -150,15 +150,15 @@ def find_or_create_parent(uri: str, experiment_id: str, pipeline_run: str, name:
 
     client = MlflowClient(uri)
     query = f"tags.pipeline_run = '{pipeline_run}' and tags.kind = 'parent'"
-    found = _with_retries(lambda: client.search_runs([experiment_id], filter_string=query, max_results=1))
+    found = with_retries(lambda: client.search_runs([experiment_id], filter_string=query, max_results=1))
     if found:
         return found[0].info.run_id
-    run = _with_retries(
+    run = with_retries(
         lambda: client.create_run(
             experiment_id, run_name=name, tags={**tags, "pipeline_run": pipeline_run, "kind": "parent"}
         )
     )
-    _with_retries(lambda: client.set_terminated(run.info.run_id))
+    with_retries(lambda: client.set_terminated(run.info.run_id))
     return run.info.run_id
 
 
@@ -184,7 +184,7 @@ class StageTracker:
         if self._failed:
             return None
         try:
-            return _with_retries(lambda: fn(*args, **kwargs))
+            return with_retries(lambda: fn(*args, **kwargs))
         except Exception as err:  # any store failure: network, sqlite, permissions
             self._failed = True
             detail = str(err).splitlines()[0] if str(err) else ""
@@ -316,7 +316,7 @@ def log_table_rows(uri: str | None, experiment: str, table: str, rows: list[dict
         tags = {"kind": f"{table}_row", "pipeline_run": sweep_id, "data_source": folder.name}
         _log_row_run(client, experiment_id, parent, table, label, row, tags)
     for path in sorted(folder.glob(f"{table}.*")):
-        _with_retries(lambda path=path: client.log_artifact(parent, str(path), table))
+        with_retries(lambda path=path: client.log_artifact(parent, str(path), table))
 
 
 def _log_row_run(
@@ -326,7 +326,7 @@ def _log_row_run(
     from mlflow.entities import Metric, Param
 
     all_tags = {**common_tags(tags), "mlflow.parentRunId": parent}
-    run = _with_retries(lambda: client.create_run(experiment_id, run_name=label, tags=all_tags))
+    run = with_retries(lambda: client.create_run(experiment_id, run_name=label, tags=all_tags))
     now = int(time.time() * 1000)
     numbers = {key: float(value) for key, value in row.items() if isinstance(value, int | float)}
     if "test_accuracy_ci95" in row:  # the Wilson interval, as two metrics
@@ -334,5 +334,5 @@ def _log_row_run(
     words = {key: str(value) for key, value in row.items() if isinstance(value, str)}
     metrics = [Metric(f"{table}/{key}", value, now, 0) for key, value in numbers.items()]
     params = [Param(key, value) for key, value in {**words, "sparsity": str(row["sparsity"])}.items()]
-    _with_retries(lambda: client.log_batch(run.info.run_id, metrics=metrics, params=params))
-    _with_retries(lambda: client.set_terminated(run.info.run_id))
+    with_retries(lambda: client.log_batch(run.info.run_id, metrics=metrics, params=params))
+    with_retries(lambda: client.set_terminated(run.info.run_id))
