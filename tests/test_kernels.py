@@ -524,11 +524,16 @@ def test_target_cpu_reads_numba_s_settings():
         "assert C.CSA_DEFAULT is C._is_x86()\n"
         "assert 'haswell' in K.kernel_name()\n"
     )
-    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL_FEATURES}
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
+    run_as_haswell(code, timeout=120)
 
 
 HASWELL_FEATURES = "+avx,+avx2,+bmi,+bmi2,+fma,+popcnt,+sse4.2,-avx512f,-avx512bw,-avx512vpopcntdq"
+
+
+def run_as_haswell(code: str, timeout: int) -> None:
+    """Run ``code`` in a fresh Python whose numba compiles for Haswell (AVX2, no AVX-512)."""
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL_FEATURES}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=timeout, env=env)
 
 
 @pytest.mark.slow
@@ -550,5 +555,4 @@ def test_avx2_build_gives_the_same_scores():
         "    assert (got == packed.forward_counts(x)).all(), csa\n"
         "    assert (K.KernelNetwork.from_packed(packed, csa=csa).forward_counts(x[:1]) == got[:1]).all()\n"
     )
-    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL_FEATURES}
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=600, env=env)
+    run_as_haswell(code, timeout=600)
