@@ -20,8 +20,8 @@ from bnn_core.errors import DataError
 from pipeline.files import atomic_path
 
 if TYPE_CHECKING:
-    from bnn_core.data_module import FeatureSplits
     from bnn_core.input_encoders import InputEncoder
+    from bnn_core.splits import FeatureSplits
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def write_features(path: Path, splits: FeatureSplits) -> None:
 
 
 def read_features(path: Path) -> FeatureSplits:
-    from bnn_core.data_module import FeatureSplits
+    from bnn_core.splits import FeatureSplits
 
     if not path.is_file():
         raise DataError(f"{path}: not found; run the binarize stage first (dvc repro)")

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from bnn_core.cost import real_valued_cost
-from bnn_core.data_module import FeatureSplits, split_source
 from bnn_core.input_encoders import InputEncoder, RealScaler
 from bnn_core.lightning_modules import PretrainModule
 from bnn_core.networks import CompressedMLP, predict_classes
+from bnn_core.splits import FeatureSplits, split_source
 from pipeline.artifacts import read_features
 from pipeline.files import write_json
 from pipeline.sources import load_source

@@ -5,8 +5,8 @@ Outputs: ``data/features.npz`` (encoded splits) and ``data/input_encoder.json`` 
 
 from __future__ import annotations
 
-from bnn_core.data_module import FeatureSplits, split_source
 from bnn_core.input_encoders import fit_input_encoder
+from bnn_core.splits import FeatureSplits, split_source
 from pipeline.artifacts import write_features
 from pipeline.files import write_json
 from pipeline.sources import load_source

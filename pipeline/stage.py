@@ -9,17 +9,19 @@ reads the outputs of earlier stages from the project (the artifacts the stage ta
 
 from __future__ import annotations
 
+import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import lightning as L
+import numpy as np
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from bnn_core.errors import BnnError, ConfigError
@@ -28,6 +30,9 @@ from pipeline.config import CONF_DIR, Config, flatten, validate
 from pipeline.files import fail
 from pipeline.stages import stage
 from pipeline.tracking import StageTracker, project_root
+
+if TYPE_CHECKING:  # Lightning takes ~8 s to import: only the stages that train load it (in trainer())
+    import lightning as L
 
 StageFn = Callable[["StageContext"], None]
 
@@ -47,6 +52,10 @@ class StageContext:
         training batch; it validates once more before it stops, so the partial epoch can still be the
         best one). Whichever of the two budgets runs out first ends training; ``epochs`` stays the
         horizon of the learning-rate schedule."""
+        import lightning as L
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
         try:
             return L.Trainer(
                 max_epochs=epochs,
@@ -83,7 +92,14 @@ def make_tracker(name: str, config: Config) -> StageTracker:
 
 
 def seed_everything(config: Config) -> None:
-    L.seed_everything(config.seed, workers=True, verbose=False)
+    """What ``lightning.seed_everything(config.seed, workers=True)`` does, without importing Lightning into
+    the stages that do not train: seed Python's, numpy's and torch's generators, and set the variables
+    through which Lightning seeds dataloader workers (a test checks the two leave the same state)."""
+    os.environ["PL_GLOBAL_SEED"] = str(config.seed)
+    os.environ["PL_SEED_WORKERS"] = "1"
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
 
 
 def run_stage(run: StageFn, ctx: StageContext) -> None:

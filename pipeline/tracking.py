@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import lightning as L
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -239,36 +238,6 @@ class StageTracker:
         import mlflow
 
         self._guard("log an artifact", mlflow.log_artifact, str(path), folder)
-
-
-class EpochHistory(L.Callback):
-    """Collects the epoch-level metrics of a training round and logs them to the tracker, step = epoch.
-
-    MLflow names carry the round, ``<stage>/<split>_<metric>`` (e.g. ``pretrain/val_accuracy``), so both
-    rounds can share one run (as in ``pipeline.run`` jobs) without mixing their curves.
-    """
-
-    COLUMNS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
-
-    def __init__(self, tracker: StageTracker, stage: str):
-        self.tracker = tracker
-        self.stage = stage
-        self.rows: list[dict[str, float]] = []
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = {
-            k.replace("/", "_"): float(v)
-            for k, v in trainer.callback_metrics.items()
-            if k.startswith(("train/", "val/"))
-        }
-        self.rows.append({"epoch": trainer.current_epoch, **metrics})
-        self.tracker.log_metrics({f"{self.stage}/{k}": v for k, v in metrics.items()}, step=trainer.current_epoch)
-
-    def to_csv(self) -> str:
-        lines = [",".join(("epoch", *self.COLUMNS))]
-        for row in self.rows:
-            lines.append(",".join([str(row["epoch"]), *(f"{row.get(c, float('nan')):.6g}" for c in self.COLUMNS)]))
-        return "\n".join(lines) + "\n"
 
 
 class SweepTracking(Callback):

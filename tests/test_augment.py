@@ -12,12 +12,13 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnn_core.augment import ShiftAugmentation, random_shifts, shift_images
-from bnn_core.data_module import AugmentedTrainSet, FeatureDataModule, FeatureSplits, RawSplits
+from bnn_core.data_module import AugmentedTrainSet, FeatureDataModule
 from bnn_core.datasets import LabelledImages
 from bnn_core.errors import DataError
 from bnn_core.input_encoders import LloydMaxEncoder, RealScaler, ThresholdEncoder
 from bnn_core.lightning_modules import PretrainModule
 from bnn_core.networks import CompressedMLP
+from bnn_core.splits import FeatureSplits, RawSplits
 from pipeline.artifacts import Artifacts, read_features, write_features
 from pipeline.config import AugmentConfig, Config, PretrainConfig, TrainerConfig
 from pipeline.stage import StageContext

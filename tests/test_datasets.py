@@ -4,7 +4,6 @@ import struct
 import numpy as np
 import pytest
 
-from bnn_core.data_module import split_source
 from bnn_core.datasets import (
     LabelledImages,
     SourceData,
@@ -15,6 +14,7 @@ from bnn_core.datasets import (
     stratified_split,
 )
 from bnn_core.errors import DataError
+from bnn_core.splits import split_source
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bnn_core.data_module import split_source
 from bnn_core.errors import DataError
+from bnn_core.splits import split_source
 from pipeline.config import DataConfig, SplitConfig
 from pipeline.sources import FASHION_MNIST_DEBIAN_DIR, load_source
 from tests.test_datasets import write_idx_folder

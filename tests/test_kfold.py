@@ -16,9 +16,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from bnn_core.data_module import split_source
 from bnn_core.datasets import LabelledImages, SourceData, kfold_split, load_mnist5k, stratified_kfold, stratified_split
 from bnn_core.errors import BnnError, DataError
+from bnn_core.splits import split_source
 from bnn_core.stats import wilson_interval
 from pipeline.kfold import KFoldWriter, fold_results, summarize, write_kfold
 from tests.conftest import ROOT, run

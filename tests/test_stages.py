@@ -180,3 +180,37 @@ def test_the_data_fingerprint_is_each_files_sha256(tmp_path):
     _, config = idx_config(folder)
     expected = {str(path): hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.iterdir()}
     assert source_fingerprint(config.data) == expected
+
+
+def test_seed_everything_leaves_the_state_lightnings_does():
+    """pipeline.stage.seed_everything stands in for lightning.seed_everything(seed, workers=True)."""
+    import os
+    import random
+
+    import lightning as L
+    import numpy as np
+    import torch
+
+    from pipeline.config import Config
+    from pipeline.stage import seed_everything
+
+    def state_after(seed_fn) -> tuple:
+        random.seed(1234), np.random.seed(1234), torch.manual_seed(1234)
+        os.environ.pop("PL_GLOBAL_SEED", None), os.environ.pop("PL_SEED_WORKERS", None)
+        seed_fn()
+        env = (os.environ.get("PL_GLOBAL_SEED"), os.environ.get("PL_SEED_WORKERS"))
+        return (random.random(), float(np.random.rand()), float(torch.rand(1)), *env)
+
+    config = Config(seed=7)
+    assert state_after(lambda: seed_everything(config)) == state_after(
+        lambda: L.seed_everything(7, workers=True, verbose=False)
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["pipeline.binarize", "pipeline.evaluate", "pipeline.report", "pipeline.export"])
+def test_stages_that_do_not_train_never_import_lightning(module):
+    """Lightning costs ~8 s per process: `make repro`'s four non-training stages must not pay it."""
+    check = f"import importlib, sys; importlib.import_module({module!r}); print('lightning' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from bnn_core.data_module import FeatureSplits
 from bnn_core.errors import ConfigError
 from bnn_core.lightning_modules import LOSSES, SCHEDULES, PretrainModule, make_scheduler, squared_hinge
 from bnn_core.networks import CompressedMLP
+from bnn_core.splits import FeatureSplits
 from pipeline import config as config_schema
 from pipeline.artifacts import Artifacts
 from pipeline.config import Config, PretrainConfig, TrainerConfig
