@@ -152,7 +152,11 @@ class _Classifier(L.LightningModule):
             ) from None
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        parameters = list(self.network.parameters())
+        # Fused Adam (one kernel for all parameters) where torch has it: a fifth of a CPU training step at
+        # batch 100 goes to the optimizer otherwise. Same update rule; float rounding may differ.
+        fused = all(p.device.type in ("cpu", "cuda") for p in parameters)
+        optimizer = torch.optim.Adam(parameters, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
         # 1cycle's horizon in optimizer steps: Lightning's count for max_epochs (never the time budget).
         total_steps = int(self.trainer.estimated_stepping_batches) if self.schedule == "onecycle" else None
         scheduler = make_scheduler(optimizer, self.schedule, self.epochs, total_steps)

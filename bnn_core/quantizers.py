@@ -89,6 +89,25 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     return values.kthvalue(k).values
 
 
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        return grad_out, None
+
+
+def straight_through(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` in the forward pass, with the gradient passed to ``x`` unchanged (``d out / dx = 1``).
+
+    The same as ``x + (values - x).detach()`` without its two full-size passes (a third of a round-2 step
+    at batch 100), and exact: the forward gives ``values`` themselves, not ``x + (values - x)`` rounded.
+    """
+    return _StraightThrough.apply(x, values)
+
+
 def ternarize(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Ternary weights with sparsity ``lambda``, per tensor (one layer).
 
@@ -105,8 +124,10 @@ def ternarize(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     Source: Kim & Smaragdis (2016), round 2 ("noisy backpropagation"): sparsity ``lambda`` fixes a
     boundary ``beta``; forward with binarized values, updates to the real-valued weights.
     """
-    hard = sign(w.detach()) * nonzero_mask(w, sparsity)
-    return w + (hard - w).detach()
+    w_fixed = w.detach()
+    if round(sparsity * w.numel()) == 0:
+        return straight_through(w, sign(w_fixed))
+    return straight_through(w, torch.where(nonzero_mask(w_fixed, sparsity), sign(w_fixed), 0.0))
 
 
 def binarize(x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +139,7 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
 
     Source: Kim & Smaragdis (2016), round 2 (the bias is binarized like the weights).
     """
-    return x + (sign(x.detach()) - x).detach()
+    return straight_through(x, sign(x.detach()))
 
 
 # ---------------------------------------------------------------------------------------------------------
