@@ -8,14 +8,21 @@ TORCH_SPEC ?= torch==2.13.0
 # Stage commands in dvc.yaml call `python`: make it the project's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: dashboard repro test test-fast lint params dvc-yaml bench system-deps export-c
+.PHONY: dashboard repro test test-fast lint params dvc-yaml bench system-deps export-c compare
 
-$(STAMP): pyproject.toml
+# The venv is current when it was installed for this content of pyproject.toml and this torch: the stamp
+# holds that key, so a fresh checkout or a `touch` (newer, same content) does not reinstall.
+VENV_KEY := $(shell sha256sum pyproject.toml | cut -c1-16) $(TORCH_SPEC)
+ifneq ($(shell cat $(STAMP) 2>/dev/null),$(VENV_KEY))
+.PHONY: $(STAMP)
+endif
+
+$(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" ; test -x $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" ; $(BIN)/python -c "import bnn_core, pipeline, dvc, mlflow, lightning"
-	touch $(STAMP)
+	echo '$(VENV_KEY)' > $(STAMP)
 
 repro: $(STAMP)
 	$(BIN)/dvc repro
@@ -62,3 +69,8 @@ MLFLOW_PORT ?= 5000
 dashboard: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlruns \
 	  --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# The workspace, HEAD and its DVC experiments in one 120-column table, accuracy first
+# (`make compare ARGS=-A`: any `dvc exp show` option, here every commit).
+compare: $(STAMP)
+	@$(BIN)/python -m pipeline.compare $(ARGS)
