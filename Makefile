@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Stage commands in dvc.yaml call `python`: make it the project's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: dashboard repro test test-fast lint params dvc-yaml bench system-deps export-c compare
+.PHONY: dashboard repro test test-fast lint params dvc-yaml bench system-deps export-c compare vega-js
 
 # The venv is current when it was installed for this content of pyproject.toml and this torch: the stamp
 # holds that key, so a fresh checkout or a `touch` (newer, same content) does not reinstall.
@@ -24,18 +24,25 @@ $(STAMP):
 	$(BIN)/pip install --quiet -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" ; $(BIN)/python -c "import bnn_core, pipeline, dvc, mlflow, lightning"
 	echo '$(VENV_KEY)' > $(STAMP)
 
-repro: $(STAMP)
+repro: $(STAMP) vega-js
 	$(BIN)/dvc repro
 	@$(BIN)/python -m pipeline.summary
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps vega-js
 	$(BIN)/ruff check .
 	$(BIN)/pytest --durations=15
 
-# Debian tools the C export's tests build and run with (ARM cross-compilers, qemu-arm): installs what is
-# missing when run as root with apt-get, otherwise says why not (those tests then skip, naming the tool).
+# Debian tools the C export's tests build and run with (ARM cross-compilers, qemu-arm), and chromium for the
+# plots page test: installs what is missing when run as root with apt-get, otherwise says why not (those
+# tests then skip, naming the tool).
 system-deps:
 	bash scripts/system_deps.sh
+
+# The scripts that `dvc plots show` pages load (vega, vega-lite, vega-embed), from the npm registry, pinned and
+# integrity-checked, into vendor/ (git-ignored): the page (.dvc/plots_page.html) then draws offline. Offline,
+# this says so and the page loads them from the CDN; standard library only, so no venv and no npm.
+vega-js:
+	@$(PYTHON) scripts/fetch_vega.py
 
 # The trained model as a C99 library (dist/c, a DVC output) and its host build (build/bnn_predict:
 # outside dist/c, so that `dvc status` stays clean).

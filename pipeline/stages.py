@@ -137,7 +137,15 @@ STAGES: tuple[Stage, ...] = (
             Output(
                 "comparison",
                 cache=False,
-                plot={"template": "scatter", "x": "bit_ops", "y": "test_accuracy"},
+                # .dvc/plots/tradeoff.json: log bit-ops axis, accuracy zoomed to the data, a label per network.
+                plot={
+                    "template": "tradeoff",
+                    "x": "bit_ops",
+                    "y": "test_accuracy",
+                    "title": "test accuracy against bit-ops per image",
+                    "x_label": "bit-ops per image (log scale)",
+                    "y_label": "test accuracy",
+                },
             ),
         ),
         optional=True,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages that the C export's tests (tests/test_export_c.py) build and run with: a Cortex-M7
-# cross-compiler, a 32-bit ARM Linux cross-compiler with its static libc, and qemu-arm. Installs only what
+# cross-compiler, a 32-bit ARM Linux cross-compiler with its static libc, and qemu-arm; and chromium, the
+# headless browser that tests/test_plots_offline.py opens the `dvc plots show` page in. Installs only what
 # is missing, and only as root with apt-get; otherwise it says why it skipped (those tests then skip,
 # naming the tool). `make test` (and so .ci/run) calls it.
 set -euo pipefail
@@ -23,9 +24,10 @@ elif ! arm-linux-gnueabihf-gcc -static -o "$probe_dir/armhf" "$probe_dir/probe.c
     missing+=(libc6-dev-armhf-cross)
 fi
 command -v qemu-arm > /dev/null || missing+=(qemu-user)
+command -v chromium > /dev/null || missing+=(chromium)
 
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "system_deps: make, cc, arm-none-eabi-gcc, arm-linux-gnueabihf-gcc (+libc), qemu-arm: all present"
+    echo "system_deps: make, cc, arm-none-eabi-gcc, arm-linux-gnueabihf-gcc (+libc), qemu-arm, chromium: all present"
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then

@@ -19,6 +19,8 @@ PROJECT_FILES = [
     "params.yaml",
     "pyproject.toml",
     ".dvc/config",
+    ".dvc/plots",
+    ".dvc/plots_page.html",
     ".dvc/.gitignore",
     ".gitignore",
     ".dvcignore",
