@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from bnn_core.errors import ConfigError
-from bnn_core.lightning_modules import LOSSES, SCHEDULES, PretrainModule, make_scheduler, squared_hinge
+from bnn_core.lightning_modules import PretrainModule
 from bnn_core.networks import CompressedMLP
+from bnn_core.objectives import LOSSES, SCHEDULES, make_scheduler, squared_hinge
 from bnn_core.splits import FeatureSplits
 from pipeline import config as config_schema
 from pipeline.artifacts import Artifacts
