@@ -16,10 +16,11 @@ from bnn_core.input_encoders import InputEncoder, RealScaler
 from bnn_core.lightning_modules import PretrainModule
 from bnn_core.networks import CompressedMLP, predict_classes
 from bnn_core.splits import FeatureSplits, split_source
-from pipeline.artifacts import read_features
+from pipeline.artifacts import MADE_FROM, made_from, read_features
 from pipeline.files import write_json
 from pipeline.sources import load_source
 from pipeline.stage import StageContext, seed_everything, stage_main
+from pipeline.stages import stage
 from pipeline.training import fit
 
 
@@ -63,7 +64,7 @@ def run(ctx: StageContext) -> None:
         "binary_input": train_real_valued(ctx, read_features(ctx.artifacts.features), None),
     }
     ctx.tracker.log_metrics({f"baselines/{name}_test_accuracy": row["test_accuracy"] for name, row in rows.items()})
-    write_json(ctx.artifacts.baselines, rows)
+    write_json(ctx.artifacts.baselines, {**rows, MADE_FROM: made_from(ctx.artifacts, stage("baselines").reads)})
     print(
         f"baselines: real-valued network {rows['real_input']['test_accuracy']:.4f} on real pixels, "
         f"{rows['binary_input']['test_accuracy']:.4f} on binary inputs -> {ctx.artifacts.baselines}"

@@ -176,7 +176,10 @@ def read_job_json(path: Path) -> Any:
     if not path.is_file():
         hint = "the sweep's jobs need chain.baselines=true" if path.name == "baselines.json" else "did the job finish?"
         raise BnnError(f"{path}: not found; {hint}")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, or bytes that are not text
+        raise BnnError(f"{path}: unreadable ({type(err).__name__}: {err}); did the job finish?") from None
 
 
 def _shared_settings(config: Config) -> dict:

@@ -7,6 +7,11 @@ kernel) on the raw test pixels. The stage fails, writing nothing, unless all thr
 class scores on every example (:func:`check_same_scores`). Outputs: ``models/bnn.npz``,
 ``reports/metrics.json`` (DVC metrics: accuracy and cost, nothing measured in seconds), ``reports/cost.md``.
 
+Before any of that it checks that its inputs belong together (:func:`check_inputs`): both checkpoints must
+have been made from the features, encoder and round-1 network there now, and round 2 with the
+``finetune.sparsity``, ``finetune.grad`` and ``model.norm`` this run writes into the model file and the metrics.
+``metrics.json`` and the model file's metadata record the digests of the four inputs (``made_from``).
+
 Inference speed is noisy, so it is not a DVC metric: the stage logs the fast kernel's speed against
 float32 to MLflow (``speed/*``); ``make bench`` measures it properly (``reports/bench.json``).
 """
@@ -18,16 +23,24 @@ import torch
 
 from bnn_core.bitwise_model import BitwiseModel
 from bnn_core.cost import cost_report
-from bnn_core.errors import BnnError
+from bnn_core.errors import BnnError, DataError
 from bnn_core.model_file import load_bitwise_model, save_bitwise_model
 from bnn_core.networks import predict_classes
 from bnn_core.packed import PackedNetwork
 from bnn_core.speed import throughput
-from pipeline.artifacts import read_features, read_input_encoder
+from pipeline.artifacts import (
+    MADE_FROM,
+    check_made_together,
+    load_checkpoint,
+    made_from,
+    read_features,
+    read_input_encoder,
+)
 from pipeline.files import atomic_path, write_json, write_text
 from pipeline.model_registry import log_and_register
-from pipeline.networks_io import load_bitwise, load_compressed
+from pipeline.networks_io import bitwise_from_checkpoint, compressed_from_checkpoint
 from pipeline.stage import StageContext, stage_main
+from pipeline.stages import stage
 from pipeline.tracking import StageTracker
 
 
@@ -65,23 +78,50 @@ def check_same_scores(engine: str, got: np.ndarray, expected: np.ndarray) -> Non
         raise BnnError(f"{engine} and the torch simulation disagree on {mismatched} of {len(expected)} test examples")
 
 
+def check_inputs(ctx: StageContext, pretrained: dict, finetuned: dict) -> dict[str, str]:
+    """Refuse inputs that were not made together, or a round 2 trained with other settings than this run
+    reports; return the :data:`MADE_FROM` record of the evaluation (the digests of its four inputs)."""
+    check_made_together(ctx.artifacts, {"pretrained": pretrained.get(MADE_FROM), "finetuned": finetuned.get(MADE_FROM)})
+    arch = finetuned.get("architecture")
+    if isinstance(arch, dict):
+        config = ctx.config
+        expected = {
+            "finetune.sparsity": (arch.get("sparsity"), config.finetune.sparsity),
+            "finetune.grad": (arch.get("grad"), config.finetune.grad),
+            "model.norm": (arch.get("norm", "none"), config.model.norm),
+        }
+        for key, (trained, configured) in expected.items():
+            if trained != configured:
+                raise DataError(
+                    f"{ctx.artifacts.finetuned} was trained with {key}={trained}, this run has {key}={configured}; "
+                    f"pass {key}={trained}, or re-run finetune with {key}={configured}"
+                )
+    return made_from(ctx.artifacts, stage("evaluate").reads)
+
+
 def run(ctx: StageContext) -> None:
+    pretrained = load_checkpoint(ctx.artifacts.pretrained)
+    finetuned = load_checkpoint(ctx.artifacts.finetuned)
+    lineage = check_inputs(ctx, pretrained, finetuned)
     splits = read_features(ctx.artifacts.features)
+    encoder = read_input_encoder(ctx.artifacts.input_encoder)
     x, y = splits.x_test, splits.y_test
     batch = ctx.config.evaluate.batch_size
 
-    compressed_pred = predict_classes(_scores(load_compressed(ctx.artifacts.pretrained), x, batch))
-    bitwise = load_bitwise(ctx.artifacts.finetuned)
+    compressed_pred = predict_classes(
+        _scores(compressed_from_checkpoint(ctx.artifacts.pretrained, pretrained), x, batch)
+    )
+    bitwise = bitwise_from_checkpoint(ctx.artifacts.finetuned, finetuned)
     simulated = _scores(bitwise, x, batch).astype(np.int64)
     layers = bitwise.export_layers()
     check_same_scores("the numpy packed engine", PackedNetwork.from_ternary(layers).forward_counts(x > 0), simulated)
 
-    encoder = read_input_encoder(ctx.artifacts.input_encoder)
     metadata = {
         "network": ctx.config.model.network,
         "sparsity": ctx.config.finetune.sparsity,
         "grad": ctx.config.finetune.grad,
         "data_source": ctx.config.data.source,
+        MADE_FROM: lineage,
     }
     with atomic_path(ctx.artifacts.bnn_model) as staged:
         # The exported file, re-loaded, must reproduce the simulation from raw pixels before it is kept.
@@ -109,6 +149,7 @@ def run(ctx: StageContext) -> None:
             },
             "ratios": {"macs": summary["macs_ratio"], "weight_bits": summary["memory_ratio"]},
             "n_test": len(y),
+            MADE_FROM: lineage,
         }
         write_text(
             ctx.artifacts.cost_table,

@@ -6,12 +6,16 @@ MLflow store, so the same inputs give the same report. Comparing many runs is ML
 experiment chart view, README "Track and compare").
 
 The comparison's rows and cost convention: :mod:`pipeline.comparison`.
+
+Its inputs are checked like user input: a missing or malformed one is a one-line error naming the file and
+the stage that makes it, and ``metrics.json`` and ``baselines.json`` must have been made from the same
+features (:func:`pipeline.artifacts.check_made_together`; one that records nothing was written by an older
+version and is refused).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import matplotlib
@@ -19,6 +23,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt
 
+from bnn_core.errors import DataError
+from pipeline.artifacts import MADE_FROM, Artifacts, check_made_together, made_by, read_json_artifact
 from pipeline.comparison import accuracy_cell, comparison_rows, encoding_name, render_rows
 from pipeline.files import atomic_path, write_json, write_text
 from pipeline.stage import StageContext, stage_main
@@ -54,9 +60,19 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
 
 
 def read_history(path: Path) -> dict[str, list[float]]:
-    with path.open() as handle:
-        rows = list(csv.DictReader(handle))
-    return {key: [float(row[key]) for row in rows] for key in (rows[0].keys() if rows else [])}
+    """A training round's curves (``reports/<stage>_history.csv``): column -> one value per epoch."""
+    hint = made_by(path.stem)
+    if not path.is_file():
+        raise DataError(f"{path}: not found; {hint}")
+    try:
+        with path.open() as handle:
+            rows = list(csv.DictReader(handle))
+        history = {key: [float(row[key]) for row in rows] for key in (rows[0].keys() if rows else [])}
+    except (OSError, ValueError, TypeError, csv.Error) as err:  # TypeError: a short row's missing cell is None
+        raise DataError(f"{path}: unreadable training history ({type(err).__name__}: {err}); {hint}") from None
+    if not history.get("epoch"):
+        raise DataError(f"{path}: no epochs in the training history; {hint}")
+    return history
 
 
 def plot_curves(histories: dict[str, dict[str, list[float]]], path: Path) -> None:
@@ -112,18 +128,33 @@ def render(rows: list[dict], metrics: dict) -> str:
     )
 
 
+def read_inputs(artifacts: Artifacts) -> tuple[dict, dict]:
+    """``metrics.json`` and ``baselines.json``, refused unless both are JSON objects made from the same
+    features."""
+    metrics, baselines = read_json_artifact(artifacts.metrics), read_json_artifact(artifacts.baselines)
+    for name, value in (("metrics", metrics), ("baselines", baselines)):
+        if not isinstance(value, dict):
+            raise DataError(f"{artifacts.path(name)}: not a JSON object; {made_by(name)}")
+    check_made_together(artifacts, {"metrics": metrics.get(MADE_FROM), "baselines": baselines.get(MADE_FROM)})
+    return metrics, baselines
+
+
 def run(ctx: StageContext) -> None:
     artifacts = ctx.artifacts
-    metrics = json.loads(artifacts.metrics.read_text())
-    baselines = json.loads(artifacts.baselines.read_text())
-    rows = comparison_rows(metrics, baselines, encoding_name(ctx.config.data.binarize))
+    metrics, baselines = read_inputs(artifacts)
+    histories = {stage: read_history(artifacts.history(stage)) for stage in ("pretrain", "finetune")}
+    try:  # everything that reads fields of the two JSON files, before anything is written
+        rows = comparison_rows(metrics, baselines, encoding_name(ctx.config.data.binarize))
+        text = render(rows, metrics)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise DataError(
+            f"{artifacts.metrics} or {artifacts.baselines}: a field is missing or malformed ({type(err).__name__}: "
+            f"{err}); re-run the evaluate and baselines stages (dvc repro)"
+        ) from None
     plot_tradeoff(rows, artifacts.tradeoff_plot)
-    plot_curves(
-        {stage: read_history(artifacts.history(stage)) for stage in ("pretrain", "finetune")},
-        artifacts.training_curves,
-    )
+    plot_curves(histories, artifacts.training_curves)
     write_json(artifacts.comparison, rows)
-    write_text(artifacts.report, render(rows, metrics))
+    write_text(artifacts.report, text)
     for path in (artifacts.tradeoff_plot, artifacts.training_curves, artifacts.report):
         ctx.tracker.log_artifact(path, "report")
     print(f"report: {artifacts.report}")
