@@ -61,10 +61,28 @@ class SourceData:
     test: LabelledImages | None
 
 
+def _cannot_read(path: Path, err: OSError) -> DataError:
+    """An OS refusal (permission denied, I/O error) as the one-line error it is, naming the file."""
+    return DataError(f"{path}: cannot read ({err.strerror or err})")
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, except that a folder we may not look into is an error, not a missing file."""
+    try:
+        return path.is_file()
+    except OSError as err:
+        raise _cannot_read(path, err) from None
+
+
 def _read_bytes(path: Path) -> bytes:
-    if not path.is_file():
+    if not _is_file(path):
+        if path.is_dir():
+            raise DataError(f"{path}: is a folder, not a file")
         raise DataError(f"{path}: file not found")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise _cannot_read(path, err) from None
     if path.suffix != ".gz":
         return raw
     try:
@@ -108,29 +126,46 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 def _find_idx_file(folder: Path, stem: str) -> Path:
     for candidate in (folder / stem, folder / f"{stem}.gz"):
-        if candidate.is_file():
+        if _is_file(candidate):
             return candidate
     raise DataError(f"{folder}: missing {stem} (or {stem}.gz)")
 
 
 def _images_and_labels(images_path: Path, labels_path: Path, n_classes: int) -> LabelledImages:
-    images = read_idx(images_path)
+    pixels = image_rows(read_idx(images_path), images_path)
     labels = read_idx(labels_path)
-    if images.ndim < 2:
-        raise DataError(f"{images_path}: expected an image array, got shape {images.shape}")
     if labels.ndim != 1:
         raise DataError(f"{labels_path}: expected a 1-d label array, got shape {labels.shape}")
-    if len(images) != len(labels):
-        raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
-    if labels.size and int(labels.max()) >= n_classes:
+    if len(pixels) != len(labels):
+        raise DataError(f"{images_path} holds {len(pixels)} images but {labels_path} holds {len(labels)} labels")
+    if int(labels.max()) >= n_classes:
         raise DataError(f"{labels_path}: label {int(labels.max())} outside 0..{n_classes - 1}")
-    return LabelledImages(images.reshape(len(images), -1), labels.astype(np.int64))
+    return LabelledImages(pixels, labels.astype(np.int64))
+
+
+def image_rows(images: np.ndarray, name: str | Path) -> np.ndarray:
+    """IDX images ``[n, ...]`` flattened to ``uint8 [n, pixels]``, refusing a file with nothing to learn from.
+
+    A header may legally declare 0 images or 0-row images; passed on, they end in a reshape error or in a
+    0-feature dataset that training divides by, far from the file at fault.
+    """
+    if images.ndim < 2:
+        raise DataError(f"{name}: expected images [n, rows, ...], got an array of shape {images.shape}")
+    if len(images) == 0:
+        raise DataError(f"{name}: holds no images (its header declares shape {images.shape})")
+    if math.prod(images.shape[1:]) == 0:
+        raise DataError(f"{name}: its images have no pixels (header declares shape {images.shape})")
+    return images.reshape(len(images), -1)
 
 
 def idx_folder_files(folder: str | Path) -> dict[str, Path]:
     """The four standard IDX files of ``folder`` (``train_images`` -> ``train-images-idx3-ubyte[.gz]``, ...)."""
     folder = Path(folder)
-    if not folder.is_dir():
+    try:
+        found = folder.is_dir()
+    except OSError as err:
+        raise _cannot_read(folder, err) from None
+    if not found:
         raise DataError(f"{folder}: data folder not found")
     return {key: _find_idx_file(folder, stem) for key, stem in IDX_FILE_STEMS.items()}
 

@@ -19,7 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from bnn_core.errors import ConfigError
-from bnn_core.input_encoders import ENCODER_METHODS
+from bnn_core.input_encoders import ENCODER_METHODS, RealScaler
 
 Schema = TypeVar("Schema")
 
@@ -29,6 +29,9 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 #: Where round 2 starts: round 1 (the paper) or random shadow weights (no pretraining).
 FINETUNE_INITS = ("pretrained", "random")
 DATA_SOURCES = ("mnist5k", "idx", "mnist", "fashion_mnist")
+BINARY_ENCODER_METHODS = tuple(method for method in ENCODER_METHODS if method != RealScaler.name)
+#: Seeds numpy's and torch's generators accept.
+MAX_SEED = 2**32 - 1
 
 
 def _require(ok: bool, key: str, message: str, value: object) -> None:
@@ -47,6 +50,15 @@ class BinarizeConfig:
         _require(
             self.method in ENCODER_METHODS, "data.binarize.method", f"must be one of {ENCODER_METHODS}", self.method
         )
+        # Every chain (dvc.yaml, pipeline.run) feeds these features to the bitwise network, whose round 2
+        # refuses real inputs: refused here, before round 1 spends its minutes, not after.
+        _require(
+            self.method != RealScaler.name,
+            "data.binarize.method",
+            f"the bitwise network needs binary inputs, one of {BINARY_ENCODER_METHODS} (the real-valued "
+            "baselines scale the pixels themselves)",
+            self.method,
+        )
         _require(0 <= self.threshold <= 254, "data.binarize.threshold", "must be in 0..254", self.threshold)
         _require(1 <= self.bits <= 8, "data.binarize.bits", "must be in 1..8", self.bits)
         _require(1 <= self.planes <= 15, "data.binarize.planes", "must be in 1..15", self.planes)
@@ -63,6 +75,7 @@ class SplitConfig:
     fold: int = 0
 
     def __post_init__(self) -> None:
+        _require(0 <= self.seed <= MAX_SEED, "data.split.seed", f"must be in 0..{MAX_SEED}", self.seed)
         _require(self.val >= 1, "data.split.val", "must be >= 1", self.val)
         _require(self.test is None or self.test >= 1, "data.split.test", "must be >= 1 or null", self.test)
         _require(self.folds is None or self.folds >= 2, "data.split.folds", "must be >= 2 or null", self.folds)
@@ -168,8 +181,8 @@ class OptimConfig:
     max_minutes: float | None = None
 
     def check(self, stage: str) -> None:
-        # the registries live beside the code that uses them (torch: only the stages that train need it)
-        from bnn_core.lightning_modules import LOSSES, SCHEDULES
+        # imported here: the registries need torch (bnn_core.objectives, no Lightning), the schema does not
+        from bnn_core.objectives import LOSSES, SCHEDULES
 
         _require(self.schedule in SCHEDULES, f"{stage}.schedule", f"must be one of {SCHEDULES}", self.schedule)
         _require(self.loss in LOSSES, f"{stage}.loss", f"must be one of {tuple(LOSSES)}", self.loss)
@@ -259,6 +272,9 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     chain: ChainConfig = field(default_factory=ChainConfig)
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED}", self.seed)
 
 
 @dataclass

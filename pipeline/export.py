@@ -35,7 +35,7 @@ from bnn_core.c_export import c_memory, c_sources
 from bnn_core.errors import BnnError, DataError
 from bnn_core.model_file import load_bitwise_model
 from pipeline.config import CONF_DIR, ExportConfig, validate_export
-from pipeline.files import fail
+from pipeline.files import command_line, fail
 
 
 def check_output_folder(folder: Path, overwrite: bool, keep: list[Path]) -> None:
@@ -84,6 +84,11 @@ def export(config: ExportConfig) -> None:
     model_file = Path(config.model_file)
     # Checked before the model is read, and again (cheaply) by the rename: refusing costs nothing.
     check_output_folder(folder, config.overwrite, keep=[Path.cwd(), model_file])
+    if not model_file.is_file():
+        raise DataError(
+            f"{model_file}: not found; the evaluate stage makes the model file (`python -m pipeline.evaluate` or "
+            "`dvc repro`), or pass model_file=<a model file>"
+        )
     model = load_bitwise_model(model_file)
     try:
         files = c_sources(model, config.word_bits)
@@ -102,11 +107,16 @@ def export(config: ExportConfig) -> None:
 
 
 @hydra.main(config_path=CONF_DIR, config_name="export", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     try:
         export(validate_export(cfg))
     except BnnError as err:
         fail("export", str(err))
+
+
+def main() -> None:
+    """The command line (exit statuses and signals: :func:`pipeline.files.command_line`)."""
+    command_line("export", hydra_main)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ Output: the predicted class ids, one per line, go to ``output`` (written atomica
 how many were written where) or, when ``output`` is null, to stdout. With ``labels``, stdout ends with
 exactly one line ``accuracy=<fraction correct, 4 decimals> n=<number of images>``. Nothing else is
 written: no Hydra ``outputs/`` or ``.hydra/`` folder, no log file. An expected problem (missing or
-damaged model file, unreadable IDX file, pixel count or label count mismatch) ends the command with
-one line ``error: predict: <message>`` on stderr and exit status 2.
+damaged model file, unreadable IDX file, pixel count or label count mismatch, a label outside the model's
+classes, an output that cannot be written) ends the command with one line ``error: predict: <message>``
+on stderr and exit status 2.
 
 Example::
 
@@ -28,29 +29,28 @@ import numpy as np
 from omegaconf import DictConfig
 
 from bnn_core.bitwise_model import BitwiseModel
-from bnn_core.datasets import read_idx
+from bnn_core.datasets import image_rows, read_idx
 from bnn_core.errors import BnnError, DataError
 from bnn_core.model_file import load_bitwise_model
 from pipeline.config import CONF_DIR, PredictConfig, validate_predict
-from pipeline.files import fail, write_text
+from pipeline.files import command_line, fail, write_text
 
 
 def read_images(path: str | Path) -> np.ndarray:
     """IDX images ``[n, ...]`` flattened to ``uint8 [n, pixels]``."""
-    images = read_idx(path)
-    if images.ndim < 2:
-        raise DataError(f"{path}: expected images [n, ...], got an array of shape {images.shape}")
-    if len(images) == 0:
-        raise DataError(f"{path}: holds no images")
-    return images.reshape(len(images), -1)
+    return image_rows(read_idx(path), path)
 
 
-def read_labels(path: str | Path, n_images: int) -> np.ndarray:
+def read_labels(path: str | Path, n_images: int, n_classes: int) -> np.ndarray:
+    """IDX labels, one per image, each a class of the model: a label it can never predict would only lower
+    the accuracy line without a word (the file belongs to another dataset)."""
     labels = read_idx(path)
     if labels.ndim != 1:
         raise DataError(f"{path}: expected a 1-d label array, got shape {labels.shape}")
     if len(labels) != n_images:
         raise DataError(f"{path}: holds {len(labels)} labels for {n_images} images")
+    if int(labels.max()) >= n_classes:
+        raise DataError(f"{path}: label {int(labels.max())} outside the model's classes 0..{n_classes - 1}")
     return labels.astype(np.int64)
 
 
@@ -66,14 +66,11 @@ def predict(config: PredictConfig) -> None:
             f"{config.images}: images have {pixels.shape[1]} pixels but the model {config.model_file} "
             f"takes {model.n_pixels}"
         )
-    labels = read_labels(config.labels, len(pixels)) if config.labels else None
+    labels = read_labels(config.labels, len(pixels), model.n_classes) if config.labels else None
     predictions = predict_in_batches(model, pixels, config.batch_size)
     lines = "".join(f"{c}\n" for c in predictions.tolist())
     if config.output:
-        try:
-            write_text(Path(config.output), lines)
-        except OSError as err:
-            raise DataError(f"{config.output}: cannot write predictions ({err.strerror or err})") from None
+        write_text(Path(config.output), lines)
         print(f"predict: {len(predictions)} predictions -> {config.output}")
     else:
         print(lines, end="")
@@ -82,11 +79,16 @@ def predict(config: PredictConfig) -> None:
 
 
 @hydra.main(config_path=CONF_DIR, config_name="predict", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     try:
         predict(validate_predict(cfg))
     except BnnError as err:
         fail("predict", str(err))
+
+
+def main() -> None:
+    """The command line (exit statuses and signals: :func:`pipeline.files.command_line`)."""
+    command_line("predict", hydra_main)
 
 
 if __name__ == "__main__":

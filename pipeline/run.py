@@ -10,8 +10,10 @@ Stage outputs are cached under ``outputs/stage_cache/<stage>-<key>/``, so jobs t
 chain (every job of a sparsity sweep shares binarize and pretrain) compute it once. A stage's key is a
 hash of everything that decides its outputs, the same things ``dvc.yaml`` lists for it: its config keys,
 the contents of its code deps (the stage module's import closure), the keys of the stages whose outputs
-it reads and, for stages that read the data source, the contents of the source's files. What a key
-covers is written beside the outputs (``.key.json``), and a reused stage says so.
+it reads and, for stages that read the data source, the contents of the source's files (so replacing a
+data file by another of the same name and size changes the key). What a key covers is written beside the
+outputs (``.key.json``), with the digests of the outputs themselves; a stage is reused only while those
+outputs are intact, and says what it reused and why (or why not).
 
 Why not DVC's own run cache: ``dvc repro`` works on one workspace with fixed output paths and one
 ``params.yaml``, under a repository-wide lock; the parallel jobs of a joblib or submitit sweep each need
@@ -33,10 +35,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from bnn_core.errors import BnnError
-from pipeline.artifacts import Artifacts, link_artifacts
+from pipeline.artifacts import Artifacts, content_digest, link_artifacts
 from pipeline.config import CONF_DIR, Config, flatten, validate
 from pipeline.evaluate import log_evaluation
-from pipeline.files import fail, write_json
+from pipeline.files import command_line, fail, write_json
 from pipeline.pareto import objectives
 from pipeline.sources import source_fingerprint
 from pipeline.stage import StageContext, make_tracker, run_stage
@@ -80,6 +82,38 @@ def stage_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def reuse_reason(inputs: dict) -> str:
+    """Why a cached stage may stand in for running it: what its key covered, in words."""
+    reasons = [f"same {', '.join(inputs['params'])}", f"same code ({len(inputs['code'])} files by content)"]
+    if inputs["upstream"]:
+        reasons.append(f"same outputs of {', '.join(inputs['upstream'])} (by key)")
+    if "data_source" in inputs:
+        reasons.append(f"same {len(inputs['data_source'])} data source files by content")
+    return "; ".join(reasons)
+
+
+def output_digests(stage: Stage, stage_dir: Path) -> dict[str, str]:
+    """The content digest of each output ``stage`` wrote into ``stage_dir`` (relative path -> digest)."""
+    artifacts = Artifacts(stage_dir)
+    return {artifacts.relative(name): content_digest(artifacts.path(name)) for name in stage.outputs}
+
+
+def changed_outputs(stage: Stage, stage_dir: Path, record: Path) -> list[str]:
+    """The outputs in ``stage_dir`` that are missing or differ from the digests in ``record`` (the stage's
+    ``.key.json``): a cache entry someone edited or half deleted is not reused."""
+    try:
+        recorded = json.loads(record.read_text()).get("outputs", {})
+    except (OSError, ValueError, AttributeError):
+        return [record.name]
+    artifacts = Artifacts(stage_dir)
+    changed = []
+    for name in stage.outputs:
+        path, relative = artifacts.path(name), artifacts.relative(name)
+        if not path.is_file() or recorded.get(relative) != content_digest(path):
+            changed.append(relative)
+    return changed
+
+
 def run_chain(cfg: DictConfig, job_dir: Path, cache_dir: Path) -> None:
     config = validate(cfg)
     written_by = producers()
@@ -113,14 +147,17 @@ def _run_cached(
     with (stage_dir / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if complete.exists():
-            covered = ", ".join(inputs["params"])
-            print(f"{stage.name}: reusing {stage_dir} (same {covered}, code and inputs; see {complete.name})")
-            return
+            changed = changed_outputs(stage, stage_dir, complete)
+            if not changed:
+                print(f"{stage.name}: reusing {stage_dir} ({reuse_reason(inputs)}; see {complete.name})")
+                return
+            print(f"{stage.name}: not reusing {stage_dir}: {', '.join(changed)} changed or missing since; running it")
+            complete.unlink()
         for artifact, source in sources.items():
             link_artifacts(Artifacts(source), Artifacts(stage_dir), [artifact])
         module = importlib.import_module(stage.module)
         run_stage(module.run, StageContext(stage.name, config, Artifacts(stage_dir), tracker))
-        write_json(complete, inputs)
+        write_json(complete, {**inputs, "outputs": output_digests(stage, stage_dir)})
 
 
 def _link_tree(source: Path, dest: Path) -> None:
@@ -134,7 +171,7 @@ def _link_tree(source: Path, dest: Path) -> None:
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> tuple[float, float]:
+def hydra_main(cfg: DictConfig) -> tuple[float, float]:
     """Run the chain in the job's folder; return ``(validation accuracy, bit-ops per example)`` of its
     bitwise network (:func:`pipeline.pareto.objectives`).
 
@@ -148,6 +185,11 @@ def main(cfg: DictConfig) -> tuple[float, float]:
         return objectives(Artifacts(job_dir))
     except BnnError as err:
         fail("run", str(err))
+
+
+def main() -> None:
+    """The command line (exit statuses and signals: :func:`pipeline.files.command_line`)."""
+    command_line("run", hydra_main)
 
 
 if __name__ == "__main__":

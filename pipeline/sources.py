@@ -40,7 +40,11 @@ def load_mnist(data: DataConfig) -> SourceData:
 
 def fashion_mnist_folder(data: DataConfig) -> Path:
     folder = Path(data.path or FASHION_MNIST_DEBIAN_DIR).expanduser()
-    if not folder.is_dir():
+    try:
+        found = folder.is_dir()
+    except OSError as err:  # a parent folder we may not look into
+        raise DataError(f"{folder}: cannot read ({err.strerror or err})") from None
+    if not found:
         raise DataError(
             f"{folder}: Fashion-MNIST folder not found; install it with `apt-get install dataset-fashion-mnist` "
             "or pass `data.path=<folder with the four IDX files>`"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,7 +28,7 @@ from omegaconf import DictConfig
 from bnn_core.errors import BnnError, ConfigError
 from pipeline.artifacts import Artifacts, link_artifacts
 from pipeline.config import CONF_DIR, Config, flatten, validate
-from pipeline.files import fail
+from pipeline.files import command_line, fail, remove_stale
 from pipeline.stages import stage
 from pipeline.tracking import StageTracker, project_root
 
@@ -35,6 +36,8 @@ if TYPE_CHECKING:  # Lightning takes ~8 s to import: only the stages that train 
     import lightning as L
 
 StageFn = Callable[["StageContext"], None]
+#: Lightning's checkpoints during training go to ``<temp dir>/<this><host>-<pid>.<random>`` (pipeline.training).
+CHECKPOINTS_PREFIX = "bnn-checkpoints-"
 
 
 @dataclass
@@ -102,17 +105,34 @@ def seed_everything(config: Config) -> None:
     torch.manual_seed(config.seed)
 
 
+def remove_leftovers(name: str, artifacts: Artifacts) -> None:
+    """Remove what killed runs of stage ``name`` left behind (their writers are gone, see
+    :func:`pipeline.files.remove_stale`): the temporaries of its outputs under ``artifacts``, and the
+    checkpoint folders of any training process of this machine."""
+    removed = remove_stale(Path(tempfile.gettempdir()), CHECKPOINTS_PREFIX)
+    for output in stage(name).outputs:
+        target = artifacts.path(output)
+        removed += remove_stale(target.parent, f".{target.name}.", ".tmp")
+        # A file written atomically into atomic_path's temporary (evaluate's model file, which
+        # bnn_core.model_file saves atomically itself) has a temporary of its own: one more leading dot.
+        removed += remove_stale(target.parent, f"..{target.name}.", ".tmp")
+    for path in removed:
+        print(f"{name}: removed {path}, left by a run that was killed")
+
+
 def run_stage(run: StageFn, ctx: StageContext) -> None:
-    """Run a stage from a freshly seeded state (by hand, under DVC, or inside ``pipeline.run``)."""
+    """Run a stage from a freshly seeded state (by hand, under DVC, or inside ``pipeline.run``), after
+    removing what killed runs of it left."""
+    remove_leftovers(ctx.name, ctx.artifacts)
     seed_everything(ctx.config)
     run(ctx)
 
 
 def stage_main(name: str, run: StageFn) -> Callable[[], None]:
-    """The Hydra command line of one stage."""
+    """The Hydra command line of one stage (exit statuses and signals: :func:`pipeline.files.command_line`)."""
 
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-    def main(cfg: DictConfig) -> None:
+    def hydra_main(cfg: DictConfig) -> None:
         try:
             config = validate(cfg)
             root = Path.cwd()
@@ -124,6 +144,9 @@ def stage_main(name: str, run: StageFn) -> Callable[[], None]:
                 run_stage(run, StageContext(name, config, Artifacts(root), tracker))
         except BnnError as err:
             fail(name, str(err))
+
+    def main() -> None:
+        command_line(name, hydra_main)
 
     main.__name__ = f"{name}_main"
     return main

@@ -9,6 +9,10 @@ Every stage run carries the tag ``pipeline_run``: the same value for all stages 
 
 Tracking never breaks the pipeline: if the store cannot be reached, a warning with the URI is printed
 once and the stage goes on writing its local outputs.
+
+A run ends FINISHED, FAILED (an error) or KILLED (SIGTERM, SIGINT). A process killed with SIGKILL cannot
+end its run: every run records the ``host`` and ``pid`` that run it, and a stage starting on that host
+later marks the runs whose process is gone as FAILED, with a note saying so.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import TypeVar
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from pipeline.files import Interrupted, process_alive
 
 PIPELINE_RUN_ENV = "BNN_PIPELINE_RUN"
 T = TypeVar("T")
@@ -115,14 +121,47 @@ def _configure_client() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 
+class ArtifactLocationError(RuntimeError):
+    """The project's store keeps an experiment's artifacts outside the project."""
+
+
+def check_artifact_location(experiment: str, location: str) -> None:
+    """Raise :class:`ArtifactLocationError` unless ``location`` (of an experiment in the project's own
+    store, ``mlflow.db``) lies in the project's ``mlruns/``.
+
+    MLflow stores an experiment's artifact location, and every run's, as an absolute path (it resolves a
+    relative one when the experiment is created), and its API cannot change them. In a copy of the project
+    its runs would write their artifacts into the original's ``mlruns/``; after a move, into a folder that
+    is gone. So the mismatch is said instead, and the stage runs without tracking. Locations that are not
+    local paths (an object store) are not the project's to judge.
+    """
+    from mlflow.utils.file_utils import local_file_uri_to_path
+    from mlflow.utils.uri import is_local_uri
+
+    if not is_local_uri(location):
+        return
+    expected = project_root() / "mlruns"
+    path = Path(local_file_uri_to_path(location)).resolve()
+    if path != expected and expected not in path.parents:
+        raise ArtifactLocationError(
+            f"{project_root() / 'mlflow.db'} keeps the artifacts of experiment {experiment!r} in {path}, "
+            f"outside this project's {expected}: the project was copied or moved, and runs logged here would "
+            "write into that folder; move mlflow.db and mlruns/ aside to start a new store here, or log to the "
+            "original store with tracking.uri=sqlite:///<its mlflow.db>"
+        )
+
+
 def ensure_experiment(uri: str, name: str) -> str:
-    """Experiment id of ``name``, creating it (artifacts beside the default store) if needed."""
+    """Experiment id of ``name``, creating it (artifacts beside the default store) if needed; in the
+    default store, an existing experiment's artifacts must be in the project (:func:`check_artifact_location`)."""
     _configure_client()
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     experiment = with_retries(lambda: client.get_experiment_by_name(name))
     if experiment is not None:
+        if uri == default_tracking_uri():
+            check_artifact_location(name, experiment.artifact_location)
         return experiment.experiment_id
     location = (project_root() / "mlruns").as_uri() if uri == default_tracking_uri() else None
     try:
@@ -159,6 +198,48 @@ def find_or_create_parent(uri: str, experiment_id: str, pipeline_run: str, name:
     )
     with_retries(lambda: client.set_terminated(run.info.run_id))
     return run.info.run_id
+
+
+def process_tags() -> dict[str, str]:
+    """Which process runs a run: ``host``, ``pid`` and ``pid_started`` (the process's start time, so that
+    a reused pid is not taken for the original process), read by :func:`fail_orphaned_runs`."""
+    tags = {"host": os.uname().nodename, "pid": str(os.getpid())}
+    started = _process_start_ticks(os.getpid())
+    if started is not None:  # Linux only (/proc)
+        tags["pid_started"] = started
+    return tags
+
+
+def _process_gone(tags: dict[str, str]) -> bool:
+    """Whether the process that ``tags`` (:func:`process_tags`) name, on this host, has ended."""
+    pid = tags.get("pid", "")
+    if not pid.isdigit():  # a run logged before runs recorded their process
+        return False
+    if not process_alive(int(pid)):
+        return True
+    recorded, current = tags.get("pid_started"), _process_start_ticks(int(pid))
+    return recorded is not None and current is not None and recorded != current  # the pid was reused
+
+
+def fail_orphaned_runs(uri: str, experiment_id: str) -> list[str]:
+    """Mark FAILED the runs still RUNNING whose process, on this host, is gone (killed with SIGKILL, out of
+    memory, the machine rebooted), with a note saying so; return their ids. Other hosts' runs cannot be
+    checked from here and stay as they are."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    host = os.uname().nodename
+    query = f"attributes.status = 'RUNNING' and tags.host = '{host}'"
+    running = with_retries(lambda: client.search_runs([experiment_id], filter_string=query, max_results=1000))
+    orphans = [run for run in running if _process_gone(run.data.tags)]
+    for run in orphans:
+        note = (
+            f"Marked FAILED by a later stage: process {run.data.tags['pid']} on {host}, which ran this run, "
+            "ended without ending it (killed with SIGKILL, out of memory, or the machine stopped)."
+        )
+        with_retries(lambda run=run, note=note: client.set_tag(run.info.run_id, "mlflow.note.content", note))
+        with_retries(lambda run=run: client.set_terminated(run.info.run_id, "FAILED"))
+    return [run.info.run_id for run in orphans]
 
 
 class StageTracker:
@@ -202,8 +283,11 @@ class StageTracker:
         def _start() -> str:
             mlflow.set_tracking_uri(self.uri)
             experiment_id = ensure_experiment(self.uri, self.experiment)
+            fail_orphaned_runs(self.uri, experiment_id)
             pipeline_run, shared = pipeline_run_id()
-            tags = common_tags({"stage": self.stage, "pipeline_run": pipeline_run, "kind": "stage", **self.tags})
+            tags = common_tags(
+                {"stage": self.stage, "pipeline_run": pipeline_run, "kind": "stage", **process_tags(), **self.tags}
+            )
             if shared:
                 name = f"pipeline {pipeline_run[:8]}"
                 tags["mlflow.parentRunId"] = find_or_create_parent(self.uri, experiment_id, pipeline_run, name, tags)
@@ -212,17 +296,21 @@ class StageTracker:
         self.run_id = self._guard("start a run", _start)
         return self
 
-    def end(self, failed: bool = False) -> None:
+    def end(self, status: str = "FINISHED") -> None:
+        """End the run as ``status``: FINISHED, FAILED or KILLED (MLflow's run statuses)."""
         import mlflow
 
         if self.run_id is not None:
-            self._guard("end the run", mlflow.end_run, status="FAILED" if failed else "FINISHED")
+            self._guard("end the run", mlflow.end_run, status=status)
 
     def __enter__(self) -> StageTracker:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.end(failed=exc_type is not None)
+        if exc is None:
+            self.end("FINISHED")
+        else:  # a signal that stopped the stage is not a failure of the stage
+            self.end("KILLED" if isinstance(exc, Interrupted | KeyboardInterrupt) else "FAILED")
 
     def log_params(self, params: dict[str, object]) -> None:
         import mlflow

@@ -33,8 +33,8 @@ from bnn_core.input_encoders import InputEncoder
 from bnn_core.splits import FeatureSplits
 from pipeline.artifacts import read_input_encoder, save_checkpoint
 from pipeline.config import OptimConfig
-from pipeline.files import write_text
-from pipeline.stage import StageContext
+from pipeline.files import write_text, writer_prefix
+from pipeline.stage import CHECKPOINTS_PREFIX, StageContext
 from pipeline.tracking import StageTracker
 
 
@@ -112,7 +112,8 @@ def fit(
     ``augment.shift > 0``)."""
     augmentation = training_augmentation(ctx, splits, encoder)
     data = FeatureDataModule(splits, optim.batch_size, ctx.config.seed, ctx.config.evaluate.batch_size, augmentation)
-    with tempfile.TemporaryDirectory(prefix="bnn-checkpoints-") as folder:
+    # Named after this process, so that a stage started after it was killed can remove the folder.
+    with tempfile.TemporaryDirectory(prefix=writer_prefix(CHECKPOINTS_PREFIX)) as folder:
         best = ModelCheckpoint(
             dirpath=folder, filename="best", monitor="val/accuracy", mode="max", save_top_k=1, save_weights_only=True
         )

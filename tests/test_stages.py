@@ -211,6 +211,13 @@ def test_seed_everything_leaves_the_state_lightnings_does():
 @pytest.mark.parametrize("module", ["pipeline.binarize", "pipeline.evaluate", "pipeline.report", "pipeline.export"])
 def test_stages_that_do_not_train_never_import_lightning(module):
     """Lightning costs ~8 s per process: `make repro`'s four non-training stages must not pay it."""
-    check = f"import importlib, sys; importlib.import_module({module!r}); print('lightning' in sys.modules)"
+    check = (
+        f"import importlib, sys; importlib.import_module({module!r})\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from pipeline.config import CONF_DIR, validate\n"
+        "with initialize_config_dir(CONF_DIR, version_base='1.3'):\n"
+        "    validate(compose('config'))  # every stage validates its config first\n"
+        "print('lightning' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
