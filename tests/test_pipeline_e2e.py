@@ -73,6 +73,19 @@ def test_dvc_repro_then_experiment_reruns_only_what_changed(project_copy):
     )
     assert evaluate_run.data.metrics["speed/speedup_vs_float"] > 0
 
+    # Shared data and models: a DVC remote round trip (here a local folder; S3 / SSH differ only in the URL).
+    remote, clone = project_copy.parent / "remote", project_copy.parent / "clone"
+    run(["dvc", "remote", "add", "--default", "shared", str(remote)], project_copy)
+    run(["git", "add", "-A"], project_copy)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "sparse, shared"], project_copy)
+    run(["dvc", "push"], project_copy)
+    run(["git", "clone", "-q", str(project_copy), str(clone)], project_copy)
+    run(["dvc", "pull"], clone)
+    cached = ["data/features.npz", "data/input_encoder.json", "models/pretrained.pt", "models/finetuned.pt"]
+    for path in [*cached, "models/bnn.npz", "dist/c/bnn_model.h", "dist/c/bnn_model.c"]:
+        assert (clone / path).read_bytes() == (project_copy / path).read_bytes(), path
+    assert "up to date" in run(["dvc", "status"], clone).stdout
+
 
 def test_stage_rejects_bad_config_before_any_work(project_copy):
     result = run(["python", "-m", "pipeline.binarize", "finetune.sparsity=1.5"], project_copy, check=False)
