@@ -9,9 +9,11 @@ reads the outputs of earlier stages from the project (the artifacts the stage ta
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -59,6 +61,11 @@ class StageContext:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
         from lightning.pytorch.callbacks import ModelCheckpoint
 
+        # The console shows what a user asked for: not Lightning's notes on GPUs and TPUs, its cloud-logging
+        # tip or "`Trainer.fit` stopped" (INFO), nor a deprecation inside Lightning itself. Its warnings
+        # (e.g. "GPU available but not used") still show.
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
         try:
             return L.Trainer(
                 max_epochs=epochs,

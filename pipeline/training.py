@@ -24,7 +24,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from bnn_core.augment import ShiftAugmentation
 from bnn_core.data_module import FeatureDataModule
@@ -66,6 +67,30 @@ class EpochHistory(L.Callback):
         for row in self.rows:
             lines.append(",".join([str(row["epoch"]), *(f"{row.get(c, float('nan')):.6g}" for c in self.COLUMNS)]))
         return "\n".join(lines) + "\n"
+
+
+class RoundProgressBar(TQDMProgressBar):
+    """One bar per training round, on one line: ``<round> epoch e/E`` over the epoch's batches, with the
+    epoch's training loss and accuracy and, once it has validated, its validation accuracy.
+
+    Lightning's own bar (Rich, when installed) wraps its metrics over several lines and, in a terminal,
+    prints the last epoch twice with different values; it also adds a bar for the sanity check and one
+    for each validation, which take a fraction of a second here.
+    """
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def init_sanity_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"{self.name} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
 
 
 @dataclass(frozen=True)
@@ -117,7 +142,8 @@ def fit(
         best = ModelCheckpoint(
             dirpath=folder, filename="best", monitor="val/accuracy", mode="max", save_top_k=1, save_weights_only=True
         )
-        trainer = ctx.trainer(optim.epochs, [best, *callbacks], max_minutes=optim.max_minutes)
+        progress = [RoundProgressBar(ctx.name)] if ctx.config.trainer.progress_bar else []
+        trainer = ctx.trainer(optim.epochs, [best, *progress, *callbacks], max_minutes=optim.max_minutes)
         trainer.fit(module, datamodule=data)
         if not best.best_model_path:  # Lightning validates before it stops, so this should not happen
             raise TrainingDivergedError(f"{ctx.name}: training stopped before any validation epoch")

@@ -186,3 +186,28 @@ def test_without_a_time_budget_every_epoch_runs(tmp_path: Path) -> None:
     optim = PretrainConfig(epochs=3, batch_size=10)
     best = fit(stage_context(tmp_path), tiny_module(3), tiny_splits(), optim, [])
     assert best.epochs_run == 3
+
+
+def test_the_console_shows_one_bar_per_round_ending_on_the_last_epochs_numbers(tmp_path: Path, capfd) -> None:
+    """No Lightning notes (GPU/TPU lines, its cloud-logging tip, "`Trainer.fit` stopped"), no sanity-check or
+    validation bars: one bar, ``pretrain epoch e/E``, whose last state shows the last epoch's accuracy."""
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.INFO)  # as in a fresh process
+    ctx = StageContext("pretrain", Config(), Artifacts(tmp_path), None)  # type: ignore[arg-type]
+    assert ctx.config.trainer.progress_bar
+    history = []
+
+    class LastValAccuracy(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                history.append(float(trainer.callback_metrics["val/accuracy"]))
+
+    fit(ctx, tiny_module(3), tiny_splits(), PretrainConfig(epochs=3, batch_size=10), [LastValAccuracy()])
+    out, err = capfd.readouterr()
+    console = out + err
+    for noise in ("GPU available", "TPU available", "Tip:", "Trainer.fit", "Sanity Checking", "Validation"):
+        assert noise not in console, noise
+    last = console.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("pretrain epoch 3/3: 100%"), last
+    assert f"val/accuracy={history[-1]:.3f}" in last, (last, history)
