@@ -43,6 +43,7 @@ from pipeline.pareto import objectives
 from pipeline.sources import source_fingerprint
 from pipeline.stage import StageContext, make_tracker, run_stage
 from pipeline.stages import REPO_ROOT, STAGES, Stage, code_deps, producers
+from pipeline.summary import summary
 from pipeline.tracking import StageTracker, project_root
 
 #: Code hash of each stage module, taken once per process: a sweep whose jobs run in this process keeps
@@ -181,6 +182,7 @@ def hydra_main(cfg: DictConfig) -> tuple[float, float]:
     try:
         job_dir = Path(HydraConfig.get().runtime.output_dir)
         run_chain(cfg, job_dir, Artifacts(project_root()).stage_cache)
+        print(summary(job_dir))  # what `make repro` ends with: accuracies, cost, report, dashboard
         print(f"pipeline: outputs in {job_dir}")
         return objectives(Artifacts(job_dir))
     except BnnError as err:
