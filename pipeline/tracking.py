@@ -30,6 +30,7 @@ from typing import TypeVar
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from pipeline.artifacts import Artifacts
 from pipeline.files import Interrupted, process_alive
 
 PIPELINE_RUN_ENV = "BNN_PIPELINE_RUN"
@@ -89,14 +90,32 @@ def pipeline_run_id() -> tuple[str, bool]:
     return uuid.uuid4().hex, False
 
 
+def pipeline_written_paths(root: Path) -> list[str]:
+    """What ``dvc repro`` itself rewrites in the work tree: ``dvc.lock`` and every stage output (the ones
+    git tracks are the small reports). Changes there say nothing about the code a run used."""
+    from pipeline.stages import STAGES  # pipeline.stages imports the stage modules' neighbours
+
+    artifacts = Artifacts(root)
+    return ["dvc.lock", *(artifacts.relative(name) for stage in STAGES for name in stage.outputs)]
+
+
 def git_commit(root: Path) -> tuple[str, bool]:
-    """``(commit, dirty)`` of the repository at ``root``; ``("unknown", True)`` outside git."""
+    """``(commit, dirty)`` of the repository at ``root``; ``("unknown", True)`` outside git.
+
+    ``dirty``: a tracked file differs from the commit, not counting what the pipeline writes
+    (:func:`pipeline_written_paths`): in a clean clone, the stages after the first of a ``dvc repro``
+    would otherwise all be tagged dirty, because DVC updates ``dvc.lock`` and the reports as it goes.
+    """
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
+        excluded = [f":(exclude){path}" for path in pipeline_written_paths(root)]
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
+            cwd=root,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         return commit, bool(dirty)
     except (OSError, subprocess.CalledProcessError):

@@ -223,3 +223,25 @@ def test_runs_compare_across_the_two_executions(runs, server):
     assert [r["info"]["run_id"] for r in found["runs"]] == [
         r["info"]["run_id"] for r in family(runs)["sweep"][1] if r["params"]["finetune.sparsity"] == "0.5"
     ]
+
+
+def test_git_dirty_ignores_what_dvc_repro_writes_but_not_code(tmp_path):
+    """In a clean clone, DVC rewrites dvc.lock and the tracked reports as it goes: not a dirty tree."""
+    from pipeline.tracking import git_commit
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    for path in ("dvc.lock", "reports/metrics.json", "pipeline/pretrain.py"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("committed\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    assert git_commit(tmp_path)[1] is False
+
+    (tmp_path / "dvc.lock").write_text("rewritten by dvc repro\n")
+    (tmp_path / "reports" / "metrics.json").write_text("{}\n")
+    assert git_commit(tmp_path)[1] is False
+    (tmp_path / "pipeline" / "pretrain.py").write_text("edited\n")
+    assert git_commit(tmp_path)[1] is True
