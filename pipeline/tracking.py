@@ -201,6 +201,22 @@ def common_tags(extra: dict[str, str] | None = None) -> dict[str, str]:
     return tags
 
 
+#: Tags of one stage's run that its parent (the whole ``dvc repro`` or sweep) does not share.
+PER_STAGE_TAGS = ("stage", "kind", "pid", "pid_started", "mlflow.parentRunId")
+
+
+def extend_parent(uri: str, parent_id: str, status: str) -> None:
+    """Make the parent run span its children: its end moves to now (never back), and a child that did
+    not finish marks it too (DVC stops at a failed stage)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = with_retries(lambda: client.get_run(parent_id)).info
+    end_time = max(int(time.time() * 1000), parent.end_time or 0)
+    final = status if status != "FINISHED" else parent.status
+    with_retries(lambda: client.set_terminated(parent_id, status=final, end_time=end_time))
+
+
 def find_or_create_parent(uri: str, experiment_id: str, pipeline_run: str, name: str, tags: dict[str, str]) -> str:
     """The parent run of a pipeline execution or sweep, found by its ``pipeline_run`` tag."""
     from mlflow.tracking import MlflowClient
@@ -210,9 +226,11 @@ def find_or_create_parent(uri: str, experiment_id: str, pipeline_run: str, name:
     found = with_retries(lambda: client.search_runs([experiment_id], filter_string=query, max_results=1))
     if found:
         return found[0].info.run_id
+    # what describes the execution, not the stage or process that happened to create its parent
+    shared = {key: value for key, value in tags.items() if key not in PER_STAGE_TAGS}
     run = with_retries(
         lambda: client.create_run(
-            experiment_id, run_name=name, tags={**tags, "pipeline_run": pipeline_run, "kind": "parent"}
+            experiment_id, run_name=name, tags={**shared, "pipeline_run": pipeline_run, "kind": "parent"}
         )
     )
     with_retries(lambda: client.set_terminated(run.info.run_id))
@@ -277,6 +295,7 @@ class StageTracker:
         self.stage = stage
         self.tags = dict(tags or {})
         self.run_id: str | None = None
+        self.parent_id: str | None = None
         self._failed = False
 
     def _guard(self, action: str, fn: Callable[..., T], *args, **kwargs) -> T | None:
@@ -309,7 +328,8 @@ class StageTracker:
             )
             if shared:
                 name = f"pipeline {pipeline_run[:8]}"
-                tags["mlflow.parentRunId"] = find_or_create_parent(self.uri, experiment_id, pipeline_run, name, tags)
+                self.parent_id = find_or_create_parent(self.uri, experiment_id, pipeline_run, name, tags)
+                tags["mlflow.parentRunId"] = self.parent_id
             return mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name, tags=tags).info.run_id
 
         self.run_id = self._guard("start a run", _start)
@@ -321,6 +341,8 @@ class StageTracker:
 
         if self.run_id is not None:
             self._guard("end the run", mlflow.end_run, status=status)
+        if self.parent_id is not None:
+            self._guard("extend the parent run", extend_parent, self.uri, self.parent_id, status)
 
     def __enter__(self) -> StageTracker:
         return self.start()

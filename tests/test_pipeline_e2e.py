@@ -61,8 +61,15 @@ def test_dvc_repro_then_experiment_reruns_only_what_changed(project_copy):
         parent = parents[r.data.tags["mlflow.parentRunId"]]
         assert parent.data.tags["pipeline_run"] == r.data.tags["pipeline_run"]
         children.setdefault(parent.info.run_id, []).append(r.data.tags["stage"])
-    # One parent per DVC invocation, one child per stage it ran.
+    # One parent per DVC invocation, one child per stage it ran; a parent spans its children and carries
+    # no stage's tags.
     assert len(parents) == 2
+    for parent in parents.values():
+        assert "stage" not in parent.data.tags and "pid" not in parent.data.tags
+        own = [r for r in stages if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+        assert parent.info.start_time <= min(r.info.start_time for r in own)
+        assert parent.info.end_time >= max(r.info.end_time for r in own)
+        assert parent.info.status == "FINISHED"
     assert sorted(map(sorted, children.values())) == [
         sorted(ALL_STAGES),
         ["evaluate", "finetune", "report"],

@@ -268,8 +268,8 @@ def test_interrupted_training_exits_128_plus_signal_and_leaves_nothing(stopped, 
     lines = result.stderr.splitlines()
     assert lines[-1] == f"error: {name}: interrupted by {signal.Signals(signum).name}", result.stderr
     assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in result.stderr
-    if signum == signal.SIGTERM:  # Lightning's signal connector saw it too: the signal came mid-fit
-        assert "Received SIGTERM: 15" in result.stderr
+    # (mid-fit by construction: sent once epochs of the 1000 were logged; Lightning's own "Received SIGTERM"
+    # note is INFO, which the stages keep off the console)
     # No output of the interrupted training, finished or partial, and no checkpoint folder left behind.
     assert not list(project.rglob("pretrained.pt")) and not list(project.rglob("pretrain_history.csv"))
     assert not list(project.rglob("*.tmp"))
