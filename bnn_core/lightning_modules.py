@@ -77,12 +77,19 @@ class _Classifier(L.LightningModule):
         try:
             super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         except RuntimeError as err:
-            # torch refuses a step whose size overflows float32 (learning rate above ~3e37)
+            # plain Adam refuses a step whose size overflows float32 (learning rate above ~3e37)
             if "overflow" not in str(err):
                 raise
             raise TrainingDivergedError(
                 f"the optimizer step overflowed at epoch {epoch} of {self.stage_name} ({err}); lower the learning rate"
             ) from None
+        # Fused Adam takes such a step without a word, and round 2 would go on with NaN shadow weights (whose
+        # sign is -1, so its loss stays finite) to a model at chance: check the weights themselves (~1 ms).
+        if not all(bool(torch.isfinite(p).all()) for p in self.network.parameters()):
+            raise TrainingDivergedError(
+                f"the optimizer step made the weights non-finite at epoch {epoch} of {self.stage_name}; "
+                "lower the learning rate"
+            )
 
     def configure_optimizers(self):
         parameters = list(self.network.parameters())

@@ -157,7 +157,8 @@ BROKEN_RUNS = {
     "nan": (UPSTREAM[:2], ["python", "-c", DIVERGE_AT, "nan", "0", *SMOKE]),
     # Training is fine for an epoch, then the loss is infinite; the project has a model from an earlier run.
     "inf midway": (UPSTREAM, ["python", "-c", DIVERGE_AT, "inf", "1", *SMOKE, "pretrain.epochs=3"]),
-    # Adam's step size lr / (1 - beta1) does not fit a float32 above lr ~ 3.4e37: torch raises RuntimeError.
+    # Adam's step size lr / (1 - beta1) does not fit a float32 above lr ~ 3.4e37: plain Adam raises
+    # RuntimeError, fused Adam (ours) steps to non-finite weights, which the module checks after each step.
     "overflow": (UPSTREAM[:3], ["python", "-m", "pipeline.finetune", *SMOKE, "finetune.lr=1e38"]),
     # Not a divergence: section 2 checks what a kill in the middle of writing an output leaves.
     "killed while saving": (UPSTREAM[:2], ["python", "-c", KILLED_WHILE_SAVING, *SMOKE]),
@@ -471,9 +472,8 @@ def test_data_error_names_the_file_and_writes_nothing(bad_input_runs, case):
 
 
 def test_unknown_key_is_refused_by_hydra_before_any_work(bad_input_runs):
-    # Hydra itself refuses to override a key the config does not have (its exit status 1, its own message).
+    # Hydra itself refuses to override a key the config does not have; the command says so in one line.
     project, result, _, _ = bad_input_runs["unknown key"]
-    assert result.returncode != 0
-    assert "Could not override 'epochs'" in result.stderr
-    assert "Traceback" not in result.stderr
+    line = assert_clean_failure(result, "error: ")
+    assert "epochs: no such config key" in line, line
     assert not (project / "data").exists() and not (project / "mlflow.db").exists()
