@@ -426,7 +426,7 @@ def test_cli_writes_exactly_the_generated_folder(tmp_path, model_file):
     [
         ("damaged model", ["model_file=models/damaged.npz"], "models/damaged.npz: "),
         ("truncated model", ["model_file=models/truncated.npz"], "models/truncated.npz: "),
-        ("missing model", ["model_file=models/none.npz"], "models/none.npz: file not found"),
+        ("missing model", ["model_file=models/none.npz"], "models/none.npz: not found; the evaluate stage makes"),
         ("word size", ["word_bits=16"], "word_bits: must be one of (32, 64), got 16"),
         ("format", ["format=onnx"], "format: must be one of ('c',), got 'onnx'"),
         ("existing folder", ["output=existing"], "existing: folder exists and is not empty (pass overwrite=true"),
