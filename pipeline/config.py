@@ -194,7 +194,9 @@ class OptimConfig:
         )
         _require(self.epochs >= 1, f"{stage}.epochs", "must be >= 1", self.epochs)
         _require(self.batch_size >= 1, f"{stage}.batch_size", "must be >= 1", self.batch_size)
-        _require(math.isfinite(self.lr) and self.lr > 0, f"{stage}.lr", "must be finite and > 0", self.lr)
+        # Adam moves every weight by about lr per step: above 1 a step crosses round 2's whole [-1, 1] range
+        # of shadow weights, and near 3e37 it overflows float32.
+        _require(math.isfinite(self.lr) and 0 < self.lr <= 1, f"{stage}.lr", "must be in (0, 1]", self.lr)
         _require(
             math.isfinite(self.weight_decay) and self.weight_decay >= 0,
             f"{stage}.weight_decay",

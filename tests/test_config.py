@@ -58,6 +58,8 @@ def test_params_yaml_is_the_composition_of_conf():
         ("pretrain.lr=0", "pretrain.lr"),
         ("finetune.lr=-1e-3", "finetune.lr"),
         ("finetune.lr=inf", "finetune.lr"),
+        ("finetune.lr=1e38", "finetune.lr"),  # fused Adam would overflow to +-inf weights without a word
+        ("pretrain.lr=2", "pretrain.lr"),
         ("pretrain.weight_decay=nan", "pretrain.weight_decay"),
         ("trainer.accelerator=tpu", "trainer.accelerator"),
         ("pretrain.epochs=0", "pretrain.epochs"),

@@ -157,9 +157,6 @@ BROKEN_RUNS = {
     "nan": (UPSTREAM[:2], ["python", "-c", DIVERGE_AT, "nan", "0", *SMOKE]),
     # Training is fine for an epoch, then the loss is infinite; the project has a model from an earlier run.
     "inf midway": (UPSTREAM, ["python", "-c", DIVERGE_AT, "inf", "1", *SMOKE, "pretrain.epochs=3"]),
-    # Adam's step size lr / (1 - beta1) does not fit a float32 above lr ~ 3.4e37: plain Adam raises
-    # RuntimeError, fused Adam (ours) steps to non-finite weights, which the module checks after each step.
-    "overflow": (UPSTREAM[:3], ["python", "-m", "pipeline.finetune", *SMOKE, "finetune.lr=1e38"]),
     # Not a divergence: section 2 checks what a kill in the middle of writing an output leaves.
     "killed while saving": (UPSTREAM[:2], ["python", "-c", KILLED_WHILE_SAVING, *SMOKE]),
 }
@@ -196,13 +193,6 @@ def test_loss_blowing_up_midway_keeps_the_previous_checkpoint(broken_runs):
     # Neither epoch 0's good weights nor anything else of the broken run replaced the previous outputs.
     assert {name: (project / name).read_bytes() for name in before} == before
     assert files_under(project, "models", "reports") == sorted(UPSTREAM[2:])
-
-
-def test_overflowing_learning_rate_stops_finetune_cleanly(broken_runs):
-    project, result, _ = broken_runs["overflow"]
-    line = assert_clean_failure(result, "error: finetune: ")
-    assert "epoch 0" in line and "learning rate" in line, line
-    assert files_under(project, "models", "reports") == ["models/pretrained.pt"]
 
 
 # -- 2. Killed stages -----------------------------------------------------------------------------------------
@@ -430,7 +420,7 @@ BAD_INPUTS = {
     "pretrain.epochs=0": ("pretrain", ["pretrain.epochs=0"], "pretrain.epochs: must be >= 1, got 0"),
     "model.hidden=[0]": ("pretrain", ["model.hidden=[0]"], "model.hidden: sizes must be > 0, got [0]"),
     "bits=9": ("binarize", ["data.binarize.bits=9"], "data.binarize.bits: must be in 1..8, got 9"),
-    "lr=-1": ("pretrain", ["pretrain.lr=-1"], "pretrain.lr: must be finite and > 0, got -1.0"),
+    "lr=-1": ("pretrain", ["pretrain.lr=-1"], "pretrain.lr: must be in (0, 1], got -1.0"),
     "epochs=lots": ("evaluate", ["finetune.epochs=lots"], "finetune.epochs: Value 'lots'"),
     "missing folder": ("binarize", ["data=idx", "data.path={missing}"], "{missing}: data folder not found"),
     "corrupt gz": ("binarize", ["data=idx", "data.path={folder}"], "{corrupt}: corrupt or truncated gzip data"),

@@ -211,3 +211,14 @@ def test_the_console_shows_one_bar_per_round_ending_on_the_last_epochs_numbers(t
     last = console.replace("\r", "\n").strip().splitlines()[-1]
     assert last.startswith("pretrain epoch 3/3: 100%"), last
     assert f"val/accuracy={history[-1]:.3f}" in last, (last, history)
+
+
+def test_weights_that_overflow_stop_training_with_a_clear_error(tmp_path: Path) -> None:
+    """Fused Adam steps past float32's range without a word, and round 1's loss stays finite (tanh(inf) = 1):
+    the module checks its weights at each epoch's end. (The config refuses lr > 1 before any of this.)"""
+    from bnn_core.errors import TrainingDivergedError
+
+    torch.manual_seed(0)
+    module = PretrainModule(CompressedMLP(4, [3], 2, 0.0, 0.0), 1e38, 3)
+    with pytest.raises(TrainingDivergedError, match=r"weights became non-finite at epoch \d of pretrain; lower the"):
+        fit(stage_context(tmp_path), module, tiny_splits(), PretrainConfig(epochs=3, batch_size=10), [])
