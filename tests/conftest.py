@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +43,16 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def tracked_epochs(store: Path, metric: str) -> int:
+    """Epochs a running stage has logged to the SQLite store so far (0 while there is none)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=1)) as db:
+            (step,) = db.execute("SELECT max(step) FROM metrics WHERE key = ?", (metric,)).fetchone()
+    except sqlite3.Error:  # not created yet, or busy
+        return 0
+    return 0 if step is None else step + 1
 
 
 def copy_sources(dest: Path) -> Path:

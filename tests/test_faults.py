@@ -11,14 +11,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, compose_params, copy_sources, git_project, project_env, run
+from tests.conftest import ROOT, compose_params, copy_sources, git_project, project_env, run, tracked_epochs
 
 pytestmark = pytest.mark.slow
 SMOKE = ["experiment=smoke"]
@@ -209,16 +207,6 @@ def test_stage_killed_while_writing_its_checkpoint_leaves_only_a_temporary_file(
 
 #: Long enough for pretrain to be killed in the middle of its training.
 SLOW_PRETRAIN = [*SMOKE, "pretrain.epochs=4", "model.hidden=[256,256]"]
-
-
-def tracked_epochs(store: Path, metric: str) -> int:
-    """Epochs a running stage has logged to the SQLite store so far (0 while there is none)."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=1)) as db:
-            (step,) = db.execute("SELECT max(step) FROM metrics WHERE key = ?", (metric,)).fetchone()
-    except sqlite3.Error:  # not created yet, or busy
-        return 0
-    return 0 if step is None else step + 1
 
 
 def wait_for_group_exit(pgid: int, timeout: float = 10) -> None:

@@ -11,7 +11,6 @@ import io
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.artifacts import Artifacts
 from pipeline.stage import CHECKPOINTS_PREFIX, remove_leftovers
 from pipeline.tracking import StageTracker
-from tests.conftest import copy_sources, project_env
+from tests.conftest import copy_sources, project_env, tracked_epochs
 
 SMOKE = ["experiment=smoke"]
 HOST = os.uname().nodename
@@ -139,16 +138,6 @@ class Killed:
     out: str  # its stdout
     temporaries_after: list[str]
     runs_after: dict[str, Run]
-
-
-def tracked_epochs(store: Path, metric: str) -> int:
-    """Epochs a running stage has logged to the SQLite store so far (0 while there is none)."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=1)) as db:
-            (step,) = db.execute("SELECT max(step) FROM metrics WHERE key = ?", (metric,)).fetchone()
-    except sqlite3.Error:  # not created yet, or busy
-        return 0
-    return 0 if step is None else step + 1
 
 
 def private_tmp(project: Path) -> Path:
