@@ -135,9 +135,13 @@ def with_retries(fn: Callable[[], T], attempts: int = 8) -> T:
 
 
 def _configure_client() -> None:
-    # An unreachable server should cost seconds, not MLflow's default minutes of retries.
+    # An unreachable server should cost seconds, not MLflow's default minutes of retries: a refused
+    # connection fails at once. A slow answer is not an unreachable server, though: a team server's worker
+    # connects to its database on its first request, and under a sweep's load answers took over 5 s here
+    # (tests/test_team_server.py), which cost the sweep its parent run. A host that never answers costs
+    # 2 x 30 s, once per stage (a tracker stops at its first failure).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 class ArtifactLocationError(RuntimeError):
