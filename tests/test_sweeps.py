@@ -17,8 +17,10 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from pipeline.config import validate
 from tests.conftest import ROOT, compose_params, run
@@ -93,21 +95,29 @@ def test_dvc_composition_of_every_experiment_validates(tmp_path):
 
 def test_cluster_launcher_settings_reach_the_sbatch_script(tmp_path, monkeypatch):
     """conf/hydra/launcher/cluster.yaml is submitit_slurm; its settings are valid sbatch options (checked by
-    submitit itself, as hydra-submitit-launcher passes them, with a stand-in `srun` so no cluster is needed)."""
-    import submitit
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-    from omegaconf import OmegaConf
+    submitit itself, as hydra-submitit-launcher passes them, with a stand-in `srun` so no cluster is needed).
+    Its setup line runs the job in the folder the sweep was started from, and fails the job, saying why,
+    on a node where that folder is missing (where SLURM itself would quietly start the job in /tmp)."""
+    import subprocess
 
-    launcher = hydra_config(["hydra/launcher=cluster", "hydra.launcher.partition=cpu"]).hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    import submitit
+    from hydra.utils import instantiate
+
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)  # the sweep is started from the project
+    launcher = instantiate(hydra_config(["hydra/launcher=cluster", "hydra.launcher.partition=cpu"]).hydra.launcher)
+    monkeypatch.chdir(tmp_path)
+    assert type(launcher).__name__ == "SlurmLauncher"
     fake_srun = tmp_path / "bin" / "srun"
     fake_srun.parent.mkdir()
     fake_srun.write_text("#!/bin/sh\nexit 1\n")
     fake_srun.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_srun.parent}{os.pathsep}{os.environ['PATH']}")
 
-    params = OmegaConf.to_container(launcher, resolve=False)
-    for key in ("_target_", "submitit_folder", "max_num_timeout"):
+    # what SlurmLauncher.launch hands to submitit
+    params = dict(launcher.params)
+    for key in ("submitit_folder", "max_num_timeout"):
         params.pop(key)
     params["name"] = "pipeline"
     executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path / "submitit")
@@ -116,11 +126,20 @@ def test_cluster_launcher_settings_reach_the_sbatch_script(tmp_path, monkeypatch
     script = executor._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
     for line in (
         "#SBATCH --partition=cpu",
-        f"#SBATCH --time={launcher.timeout_min}",
-        f"#SBATCH --cpus-per-task={launcher.cpus_per_task}",
-        f"#SBATCH --mem={launcher.mem_gb}GB",
+        f"#SBATCH --time={params['timeout_min']}",
+        f"#SBATCH --cpus-per-task={params['cpus_per_task']}",
+        f"#SBATCH --mem={params['mem_gb']}GB",
+        *params["setup"],
     ):
         assert line in script.splitlines(), line
+
+    setup = "\n".join(params["setup"])
+    moved = subprocess.run(["bash", "-c", f"{setup}\npwd"], cwd="/", capture_output=True, text=True)
+    assert (moved.returncode, moved.stdout.strip()) == (0, str(project))
+    project.rmdir()  # a node that does not have the project
+    missing = subprocess.run(["bash", "-c", f"{setup}\npwd"], cwd="/", capture_output=True, text=True)
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert f"error: {project} is missing on this node" in missing.stderr
 
 
 # --- real sweeps on the smoke configuration ------------------------------------------------------------
