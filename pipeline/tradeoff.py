@@ -90,25 +90,41 @@ def plot_tradeoff(
             zorder=2,
             label=f"{KIND_NAMES[kind]}, {others_name}",
         )
-        text = "\n".join(dict.fromkeys(row_label(r) for r in group))
-        ax.annotate(text, (bit_ops, accuracy), textcoords="offset points", xytext=(5, -9), fontsize=7, color="0.35")
-    for (bit_ops, accuracy), group in _grouped(rows).items():
-        row = group[0]
-        kind = network_kind(row)
-        low, high = row.get("test_accuracy_ci95", (accuracy, accuracy))
+        if kind == "bnn":  # the 32-bit twins sit in the column of this run's: their labels would collide
+            text = "\n".join(dict.fromkeys(row_label(r) for r in group))
+            ax.annotate(
+                text,
+                (bit_ops, accuracy),
+                textcoords="offset points",
+                xytext=(-6, -3),
+                ha="right",
+                va="top",
+                fontsize=7,
+                color="0.35",
+            )
+    columns: dict[float, list[dict]] = {}
+    for row in rows:
+        low, high = row.get("test_accuracy_ci95", (row["test_accuracy"], row["test_accuracy"]))
+        accuracy = row["test_accuracy"]
         ax.errorbar(
-            [bit_ops],
+            [row["bit_ops"]],
             [accuracy],
             yerr=[[accuracy - low], [high - accuracy]],
             fmt="o",
             ms=7,
             capsize=3,
-            color=KIND_COLOURS[kind],
+            color=KIND_COLOURS[network_kind(row)],
             zorder=3,
-            label=KIND_NAMES[kind],
+            label=KIND_NAMES[network_kind(row)],
         )
-        text = "\n".join(dict.fromkeys(row_label(r) for r in group))
-        ax.annotate(text, (bit_ops, accuracy), textcoords="offset points", xytext=(7, 3), fontsize=9)
+        columns.setdefault(float(row["bit_ops"]), []).append(row)
+    for bit_ops, column in columns.items():
+        # One label per column of points (the 32-bit networks share their bit-ops): a line per network, in
+        # the order of their accuracies, so that close points never write over each other.
+        column.sort(key=lambda r: -r["test_accuracy"])
+        text = "\n".join(f"{row_label(r)}: {100 * r['test_accuracy']:.1f}%" for r in column)
+        middle = (column[0]["test_accuracy"] + column[-1]["test_accuracy"]) / 2
+        ax.annotate(text, (bit_ops, middle), textcoords="offset points", xytext=(9, 0), va="center", fontsize=8.5)
     bitwise = [r for r in [*rows, *others] if network_kind(r) == "bnn"]
     if others and len(bitwise) > 1:
         front = sorted(
@@ -128,7 +144,7 @@ def plot_tradeoff(
                 zorder=1,
             )
     ax.set_xscale("log")
-    ax.margins(x=0.35, y=0.2)
+    ax.margins(x=0.45, y=0.2)
     ax.set_xlabel("bit-ops per example, log scale (32-bit MAC = 1024, XNOR-popcount = 1)")
     ax.set_ylabel("test accuracy (Wilson 95% interval)")
     ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=1))
@@ -136,7 +152,7 @@ def plot_tradeoff(
     ax.grid(True, which="major", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))  # one entry per series, only for series drawn
-    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -144,6 +160,10 @@ def plot_tradeoff(
 
 
 def tradeoff_title(data_source: str, n_test: int, rows: list[dict], n_others: int, others_name: str = "") -> str:
+    """What the picture holds: ``mnist5k, 500 test examples: the 4 networks of this run and 2 earlier runs
+    on this test split``, or ``...; nothing to compare yet``."""
+    if n_others == 1:
+        others_name = others_name.replace("runs", "run").replace("jobs", "job")
     what = f"{data_source}, {n_test:,} test examples: "
     if not rows:
         return what + f"{n_others} {others_name}"
