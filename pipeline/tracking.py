@@ -188,12 +188,6 @@ def check_artifact_location(experiment: str, location: str) -> None:
         )
 
 
-#: The MLflow UI opens an experiment of no declared kind as a GenAI one (traces, evaluations); this one is a
-#: model's: runs, metrics, artifacts.
-EXPERIMENT_KIND = "mlflow.experimentKind"
-EXPERIMENT_KIND_TAG = (EXPERIMENT_KIND, "custom_model_development")
-
-
 def ensure_experiment(uri: str, name: str) -> str:
     """Experiment id of ``name``, creating it (artifacts beside the default store) if needed; in the
     default store, an existing experiment's artifacts must be in the project (:func:`check_artifact_location`)."""
@@ -205,14 +199,10 @@ def ensure_experiment(uri: str, name: str) -> str:
     if experiment is not None:
         if uri == default_tracking_uri():
             check_artifact_location(name, experiment.artifact_location)
-        if EXPERIMENT_KIND not in experiment.tags:
-            with_retries(lambda: client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND_TAG))
         return experiment.experiment_id
     location = (project_root() / "mlruns").as_uri() if uri == default_tracking_uri() else None
     try:
-        return with_retries(
-            lambda: client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND_TAG]))
-        )
+        return with_retries(lambda: client.create_experiment(name, artifact_location=location))
     except Exception:
         # Another job created it between our lookup and create.
         experiment = client.get_experiment_by_name(name)
