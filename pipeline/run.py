@@ -117,7 +117,8 @@ def changed_outputs(stage: Stage, stage_dir: Path, record: Path) -> list[str]:
     return changed
 
 
-def run_chain(cfg: DictConfig, job_dir: Path, cache_dir: Path) -> None:
+def run_chain(cfg: DictConfig, job_dir: Path, cache_dir: Path) -> StageTracker:
+    """Run the chain into ``job_dir``; return its (ended) MLflow tracker."""
     config = validate(cfg)
     written_by = producers()
     tracker = make_tracker("pipeline", config)
@@ -138,6 +139,7 @@ def run_chain(cfg: DictConfig, job_dir: Path, cache_dir: Path) -> None:
         for stage_dir in stage_dirs.values():
             _link_tree(stage_dir, job_dir)
         log_job_results(tracker, Artifacts(job_dir), config)
+    return tracker
 
 
 def log_job_results(tracker: StageTracker, artifacts: Artifacts, config: Config) -> None:
@@ -196,8 +198,10 @@ def hydra_main(cfg: DictConfig) -> tuple[float, float]:
     """
     try:
         job_dir = Path(HydraConfig.get().runtime.output_dir)
-        run_chain(cfg, job_dir, Artifacts(project_root()).stage_cache)
+        tracker = run_chain(cfg, job_dir, Artifacts(project_root()).stage_cache)
         print(summary(job_dir))  # what `make repro` ends with: accuracies, cost, report, dashboard
+        if tracker.page_url() is not None:
+            print(f"MLflow run {tracker.run_name!r}, accuracy vs bit-ops: {tracker.page_url()}")
         print(f"pipeline: outputs in {job_dir}")
         return objectives(Artifacts(job_dir))
     except BnnError as err:

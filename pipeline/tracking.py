@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 PIPELINE_RUN_ENV = "BNN_PIPELINE_RUN"
+#: ``make dashboard``'s address (MLFLOW_PORT in the Makefile).
+DASHBOARD_URL = "http://127.0.0.1:5000"
 T = TypeVar("T")
 
 
@@ -324,6 +326,7 @@ class StageTracker:
         self.run_id: str | None = None
         self.parent_id: str | None = None
         self.pipeline_run: str | None = None
+        self.experiment_id: str | None = None
         self.in_sweep = False
         self._failed = False
 
@@ -332,6 +335,14 @@ class StageTracker:
         """The run whose page shows this execution as a whole: the parent of a ``dvc repro``'s stages; else
         this run (a stage by hand, a ``pipeline.run`` job: a sweep's parent shows the sweep, not one job)."""
         return self.parent_id if self.parent_id is not None and not self.in_sweep else self.run_id
+
+    def page_url(self) -> str | None:
+        """Where the run page shows this execution's trade-off: on the tracking server, or on
+        ``make dashboard`` (http://127.0.0.1:5000) for the project's own store."""
+        if self.page_run_id is None or self.experiment_id is None:
+            return None
+        base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else DASHBOARD_URL
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.page_run_id}/artifactPath/tradeoff/tradeoff.png"
 
     def attempt(self, action: str, fn: Callable[[], T]) -> T | None:
         """``fn()``, retried while the store is locked; a failure is a warning (``could not <action>``) and
@@ -360,7 +371,7 @@ class StageTracker:
 
         def _start() -> str:
             mlflow.set_tracking_uri(self.uri)
-            experiment_id = ensure_experiment(self.uri, self.experiment)
+            experiment_id = self.experiment_id = ensure_experiment(self.uri, self.experiment)
             fail_orphaned_runs(self.uri, experiment_id)
             pipeline_run, shared = pipeline_run_id()
             self.pipeline_run, self.in_sweep = pipeline_run, bool(os.environ.get(PIPELINE_RUN_ENV))

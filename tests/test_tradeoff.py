@@ -138,6 +138,10 @@ def test_a_first_run_says_there_is_nothing_to_compare_yet(tmp_path):
     tracker.end()
 
     logged, markdown = logged_tradeoff(client, tracker.run_id, tmp_path)
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    assert tracker.page_url() == (  # what pipeline.run prints: make dashboard's address of the picture
+        f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{tracker.run_id}/artifactPath/tradeoff/tradeoff.png"
+    )
     assert logged["compared_with"] == []
     assert "the 2 networks of this run; nothing to compare yet" in markdown
     assert "Nothing to compare yet" in markdown and "(1 runs)" not in markdown
