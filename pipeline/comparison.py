@@ -49,6 +49,12 @@ def encoding_name(binarize: BinarizeConfig) -> str:
     return f"lloyd_max_{binarize.bits}" if binarize.method == "lloyd_max" else binarize.method
 
 
+def bit_ops(metrics: dict) -> tuple[int, int]:
+    """``(bitwise, real)``: bit-ops per example of the bitwise network (one XNOR-popcount per binary MAC)
+    and of its tanh-compressed twin (32 x 32 bit operations per 32-bit MAC), from ``metrics.json``."""
+    return metrics["bnn"]["binary_macs_per_example"], metrics["compressed"]["macs_per_example"] * FLOAT_MAC_BITS**2
+
+
 def _row(
     network: str, input_kind: str, encoding: str, sparsity: float, accuracy: float, n_test: int, **cost: int
 ) -> dict:
@@ -76,6 +82,30 @@ def _network_suffix(metrics: dict) -> str:
     return "_bn" if metrics["bnn"].get("network", "bnn") == "bnn_bn" else ""
 
 
+def _real_cost(net: dict) -> dict[str, int]:
+    macs = net["macs_per_example"]
+    return {
+        "macs": macs,
+        "mac_bits": FLOAT_MAC_BITS,
+        "bit_ops": macs * FLOAT_MAC_BITS**2,
+        "weight_bits": net["weight_bits"],
+    }
+
+
+def compressed_row(metrics: dict, encoding: str) -> dict:
+    """Round 1's tanh-compressed network: 32-bit, on the binary features."""
+    compressed = metrics["compressed"]
+    return _row(
+        f"compressed{_network_suffix(metrics)}",
+        "binary",
+        encoding,
+        0.0,
+        compressed["test_accuracy"],
+        _n_test(compressed, metrics),
+        **_real_cost(compressed),
+    )
+
+
 def real_valued_rows(metrics: dict, baselines: dict, encoding: str) -> list[dict]:
     """The three 32-bit rows: real-valued on pixels, real-valued on the binary features, tanh-compressed.
 
@@ -84,31 +114,27 @@ def real_valued_rows(metrics: dict, baselines: dict, encoding: str) -> list[dict
     ``compressed_bn``: the same networks with batch norm before each hidden activation.
     """
     suffix = _network_suffix(metrics)
-
-    def cost(net: dict) -> dict[str, int]:
-        macs = net["macs_per_example"]
-        return {
-            "macs": macs,
-            "mac_bits": FLOAT_MAC_BITS,
-            "bit_ops": macs * FLOAT_MAC_BITS**2,
-            "weight_bits": net["weight_bits"],
-        }
-
-    pixels, binary, compressed = baselines["real_input"], baselines["binary_input"], metrics["compressed"]
+    pixels, binary = baselines["real_input"], baselines["binary_input"]
     return [
-        _row(f"real{suffix}", "real", "pixels", 0.0, pixels["test_accuracy"], _n_test(pixels, metrics), **cost(pixels)),
         _row(
-            f"real{suffix}", "binary", encoding, 0.0, binary["test_accuracy"], _n_test(binary, metrics), **cost(binary)
+            f"real{suffix}",
+            "real",
+            "pixels",
+            0.0,
+            pixels["test_accuracy"],
+            _n_test(pixels, metrics),
+            **_real_cost(pixels),
         ),
         _row(
-            f"compressed{suffix}",
+            f"real{suffix}",
             "binary",
             encoding,
             0.0,
-            compressed["test_accuracy"],
-            _n_test(compressed, metrics),
-            **cost(compressed),
+            binary["test_accuracy"],
+            _n_test(binary, metrics),
+            **_real_cost(binary),
         ),
+        compressed_row(metrics, encoding),
     ]
 
 
@@ -129,8 +155,11 @@ def bitwise_row(metrics: dict, encoding: str) -> dict:
     )
 
 
-def comparison_rows(metrics: dict, baselines: dict, encoding: str) -> list[dict]:
-    """The paper's four networks for one run of the chain."""
+def comparison_rows(metrics: dict, baselines: dict | None, encoding: str) -> list[dict]:
+    """The paper's four networks for one run of the chain; without the baselines stage's output (a
+    ``pipeline.run`` job without ``chain.baselines``), the two the chain itself trains."""
+    if baselines is None:
+        return [compressed_row(metrics, encoding), bitwise_row(metrics, encoding)]
     return [*real_valued_rows(metrics, baselines, encoding), bitwise_row(metrics, encoding)]
 
 

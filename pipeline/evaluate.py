@@ -18,6 +18,8 @@ float32 to MLflow (``speed/*``); ``make bench`` measures it properly (``reports/
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -36,12 +38,14 @@ from pipeline.artifacts import (
     read_features,
     read_input_encoder,
 )
+from pipeline.comparison import bit_ops
+from pipeline.config import Config
 from pipeline.files import atomic_path, write_json, write_text
 from pipeline.model_registry import log_and_register
 from pipeline.networks_io import bitwise_from_checkpoint, compressed_from_checkpoint
 from pipeline.stage import StageContext, stage_main
 from pipeline.stages import stage
-from pipeline.tracking import StageTracker
+from pipeline.tracking import StageTracker, run_description
 
 
 def _scores(network: torch.nn.Module, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -51,24 +55,48 @@ def _scores(network: torch.nn.Module, x: np.ndarray, batch_size: int) -> np.ndar
         )
 
 
-def log_evaluation(tracker: StageTracker, metrics: dict) -> None:
+def test_split_id(pixels: np.ndarray, labels: np.ndarray) -> str:
+    """A digest of the test examples (raw pixels and labels): two evaluations are compared only when they
+    scored the same examples (:func:`pipeline.comparison.comparable_runs`), whatever config made them."""
+    digest = hashlib.sha256()
+    for array in (pixels, labels):
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def log_evaluation(tracker: StageTracker, metrics: dict, config: Config) -> None:
     """The evaluation's MLflow metrics from ``metrics.json`` (names documented in the README, "Track and
-    compare")."""
+    compare"), and the tags that say what may be compared with it: ``test_split``, ``network`` and a
+    ``description`` (:func:`pipeline.tracking.run_description`).
+
+    ``cost/bit_ops`` is the bitwise network's; ``cost/bit_ops_ratio_real_to_bitwise`` how many times more
+    its 32-bit twin needs (~1000 for a dense network). MAC counts alone (``cost/binary_macs``,
+    ``cost/real_macs``) are equal for a dense network: the two differ in the width of each MAC, not their
+    number, which is why no ratio of the two is logged."""
     bnn, compressed = metrics["bnn"], metrics["compressed"]
+    bitwise_ops, real_ops = bit_ops(metrics)
     tracker.log_metrics(
         {
             "test/accuracy": bnn["test_accuracy"],
             "test/error": 1.0 - bnn["test_accuracy"],
             "test/compressed_accuracy": compressed["test_accuracy"],
+            "test/n_examples": metrics["n_test"],
+            "cost/bit_ops": bitwise_ops,
+            "cost/real_bit_ops": real_ops,
+            "cost/bit_ops_ratio_real_to_bitwise": real_ops / bitwise_ops,
             "cost/binary_macs": bnn["binary_macs_per_example"],
             "cost/real_macs": compressed["macs_per_example"],
-            "cost/macs_ratio": metrics["ratios"]["macs"],
             "cost/weight_bits": bnn["weight_bits"],
             "cost/real_weight_bits": compressed["weight_bits"],
             "cost/memory_ratio": metrics["ratios"]["weight_bits"],
             "cost/model_file_bytes": bnn["model_file_bytes"],
         }
     )
+    tags = {"network": bnn.get("network", "bnn"), "description": run_description(config)}
+    if "test_split" in metrics:
+        tags["test_split"] = metrics["test_split"]
+    tracker.set_tags(tags)
 
 
 def check_same_scores(engine: str, got: np.ndarray, expected: np.ndarray) -> None:
@@ -147,8 +175,9 @@ def run(ctx: StageContext) -> None:
                 "sparsity": ctx.config.finetune.sparsity,
                 "network": ctx.config.model.network,
             },
-            "ratios": {"macs": summary["macs_ratio"], "weight_bits": summary["memory_ratio"]},
+            "ratios": {"weight_bits": summary["memory_ratio"]},
             "n_test": len(y),
+            "test_split": test_split_id(splits.pixels_test, y),
             MADE_FROM: lineage,
         }
         write_text(
@@ -156,7 +185,8 @@ def run(ctx: StageContext) -> None:
             "# Cost of the bitwise network and its real-valued twin\n\n" + cost.to_markdown() + "\n",
         )
         write_json(ctx.artifacts.metrics, metrics)
-    log_evaluation(ctx.tracker, metrics)
+    log_evaluation(ctx.tracker, metrics, ctx.config)
+    bitwise_ops, real_ops = bit_ops(metrics)
     ctx.tracker.log_metrics({f"speed/{key}": value for key, value in speed.items() if key != "kernel"})
     ctx.tracker.log_artifact(ctx.artifacts.cost_table)
     ctx.tracker.log_artifact(ctx.artifacts.bnn_model, "model")
@@ -164,7 +194,7 @@ def run(ctx: StageContext) -> None:
     print(
         f"evaluate: tanh-compressed {metrics['compressed']['test_accuracy']:.4f}, bitwise "
         f"{metrics['bnn']['test_accuracy']:.4f} test accuracy (the three engines agree on all {len(y)} test "
-        f"examples); {summary['macs_ratio']:.1f}x fewer MACs, {summary['memory_ratio']:.1f}x less weight memory, "
+        f"examples); {real_ops / bitwise_ops:.0f}x fewer bit-ops, {summary['memory_ratio']:.1f}x less weight memory, "
         f"model file {file_bytes:,} bytes; fast kernel {speed['speedup_vs_float']:.1f}x float32 "
         f"({speed['kernel']}) -> {ctx.artifacts.metrics}"
     )

@@ -4,7 +4,7 @@ MLflow logs this file's source, not a pickled object: at load time it executes t
 ``mlflow.models.set_model(BitwiseNNPyfunc())``, and then calls :meth:`BitwiseNNPyfunc.load_context` with the
 logged ``models/bnn.npz`` (artifact ``model_file``). The packed engine comes with the model: the
 ``bnn_core`` modules this file needs are logged as ``code_paths`` (:mod:`pipeline.model_registry`), so
-this file imports only numpy, mlflow and ``bnn_core``, never ``pipeline``.
+this file imports only numpy, pandas (MLflow's own dependency), mlflow and ``bnn_core``, never ``pipeline``.
 
 Input: raw pixels ``[n, n_pixels]`` (784 for MNIST), whole numbers 0..255. Output: a dict of two arrays,
 ``class`` (``int64 [n]``, ties to the lowest index) and ``scores`` (``int32 [n, n_classes]``, the last
@@ -25,6 +25,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 from mlflow.pyfunc.model import PythonModelContext
@@ -85,11 +86,12 @@ class BitwiseNNPyfunc(PythonModel):
         # server should pay that before it answers /ping, not on its first request.
         self.model.predict(np.zeros((1, self.model.n_pixels), dtype=np.uint8))
 
-    # ``model_input`` carries no type hint on purpose: MLflow 3 would read it as the signature and validate
-    # (and convert) requests by it instead of by the logged one. MLflow then advises adding one, in a
-    # UserWarning it forces to show once per process (its own warnings filter), whatever ours say.
+    # ``pd.DataFrame``: what MLflow hands over under the logged column signature (model_registry.signature).
+    # MLflow infers no signature from it and converts nothing by it (a DataFrame type hint is one of those it
+    # takes as is), so requests are still checked by the logged signature and then by checked_pixels; with no
+    # hint at all MLflow prints a UserWarning asking for one in every process that loads or logs the model.
     def predict(
-        self, context: PythonModelContext, model_input, params: dict[str, Any] | None = None
+        self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> dict[str, np.ndarray]:
         """``{"class": int64 [n], "scores": int32 [n, n_classes]}`` for raw pixels ``[n, n_pixels]``
         (a numpy array, a pandas DataFrame or nested lists: see :func:`checked_pixels`)."""

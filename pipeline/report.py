@@ -1,9 +1,10 @@
 """Stage report: ``reports/report.md`` with the paper's comparison, the accuracy / bit-ops trade-off of its
 networks, and the training curves of both rounds (PNGs beside it, so nothing needs the internet to view).
 
-Hermetic, like every DVC stage: it reads only its declared inputs (metrics, baselines, curves), never the
-MLflow store, so the same inputs give the same report. Comparing many runs is MLflow's job (its
-experiment chart view, README "Track and compare").
+Hermetic, like every DVC stage: its outputs come from its declared inputs (metrics, baselines, curves) only,
+never from the MLflow store, so the same inputs give the same report. Comparing many runs is MLflow's job:
+the stage also puts the trade-off beside the earlier comparable runs on the run's MLflow page
+(:func:`pipeline.tradeoff.log_run_tradeoff`), which is no DVC output.
 
 The comparison's rows and cost convention: :mod:`pipeline.comparison`.
 
@@ -28,35 +29,13 @@ from pipeline.artifacts import MADE_FROM, Artifacts, check_made_together, made_b
 from pipeline.comparison import accuracy_cell, comparison_rows, encoding_name, render_rows
 from pipeline.files import atomic_path, write_json, write_text
 from pipeline.stage import StageContext, stage_main
+from pipeline.tradeoff import log_run_tradeoff, plot_tradeoff, tradeoff_title
 
 
 def _save_png(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-def row_label(row: dict) -> str:
-    """``real (pixels)``, ``compressed (threshold)``, ``bnn s=0.50 (threshold)``: network, input, sparsity."""
-    network = f"{row['network']} s={row['sparsity']:.2f}" if row["network"].startswith("bnn") else row["network"]
-    return f"{network} ({row['encoding']})"
-
-
-def plot_tradeoff(rows: list[dict], path: Path) -> None:
-    """Test accuracy against bit-ops per example (log axis: the networks are ~1000x apart), one labelled
-    point per row of the comparison, its Wilson 95% interval as an error bar."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in rows:
-        low, high = row.get("test_accuracy_ci95", (row["test_accuracy"], row["test_accuracy"]))
-        yerr = [[row["test_accuracy"] - low], [high - row["test_accuracy"]]]
-        ax.errorbar([row["bit_ops"]], [row["test_accuracy"]], yerr=yerr, fmt="o", ms=6, capsize=3, zorder=3)
-        ax.annotate(row_label(row), (row["bit_ops"], row["test_accuracy"]), textcoords="offset points", xytext=(6, 4))
-    ax.set_xscale("log")
-    ax.margins(x=0.3, y=0.25)
-    ax.set_xlabel("bit-ops per example (32-bit MAC = 1024, XNOR-popcount = 1)")
-    ax.set_ylabel("test accuracy (Wilson 95% interval)")
-    ax.grid(alpha=0.3)
-    _save_png(fig, path)
 
 
 def read_history(path: Path) -> dict[str, list[float]]:
@@ -89,7 +68,7 @@ def plot_curves(histories: dict[str, dict[str, list[float]]], path: Path) -> Non
     _save_png(fig, path)
 
 
-def render(rows: list[dict], metrics: dict) -> str:
+def render(rows: list[dict], metrics: dict, data_source: str) -> str:
     bnn, compressed = metrics["bnn"], metrics["compressed"]
     # the last two rows: the bitwise network (bnn or bnn_bn) and before it its tanh-compressed twin
     compressed_row, bnn_row = rows[2], rows[3]
@@ -114,9 +93,14 @@ def render(rows: list[dict], metrics: dict) -> str:
             "",
             "## Accuracy against bit-ops",
             "",
-            "The networks of the table above: bit-ops on a log axis.",
+            f"The {len(rows)} networks of the table above, all of this run ({data_source}, the same "
+            f"{metrics['n_test']:,} test examples): bit-ops on a log axis, a colour per kind of network.",
             "",
             "![accuracy vs bit-ops](tradeoff.png)",
+            "",
+            "Other runs are compared on MLflow (`make dashboard`): the run's page holds this picture beside the "
+            "earlier runs on the same data source and test examples, or says there is nothing to compare yet "
+            "(artifacts `tradeoff/`).",
             "",
             "## Training curves",
             "",
@@ -145,18 +129,20 @@ def run(ctx: StageContext) -> None:
     histories = {stage: read_history(artifacts.history(stage)) for stage in ("pretrain", "finetune")}
     try:  # everything that reads fields of the two JSON files, before anything is written
         rows = comparison_rows(metrics, baselines, encoding_name(ctx.config.data.binarize))
-        text = render(rows, metrics)
+        text = render(rows, metrics, ctx.config.data.source)
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise DataError(
             f"{artifacts.metrics} or {artifacts.baselines}: a field is missing or malformed ({type(err).__name__}: "
             f"{err}); re-run the evaluate and baselines stages (dvc repro)"
         ) from None
-    plot_tradeoff(rows, artifacts.tradeoff_plot)
+    plot_tradeoff(rows, artifacts.tradeoff_plot, tradeoff_title(ctx.config.data.source, metrics["n_test"], rows, 0))
     plot_curves(histories, artifacts.training_curves)
     write_json(artifacts.comparison, rows)
     write_text(artifacts.report, text)
     for path in (artifacts.tradeoff_plot, artifacts.training_curves, artifacts.report):
         ctx.tracker.log_artifact(path, "report")
+    if ctx.tracker.stage == ctx.name:  # a stage of its own (dvc repro); pipeline.run logs it once at its end
+        log_run_tradeoff(ctx.tracker, rows, ctx.config.data.source, metrics.get("test_split"))
     print(f"report: {artifacts.report}")
 
 

@@ -36,15 +36,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from bnn_core.errors import BnnError
 from pipeline.artifacts import Artifacts, content_digest, link_artifacts
+from pipeline.comparison import comparison_rows, encoding_name
 from pipeline.config import CONF_DIR, Config, flatten, validate
 from pipeline.evaluate import log_evaluation
 from pipeline.files import command_line, fail, write_json
 from pipeline.pareto import objectives
 from pipeline.sources import source_fingerprint
-from pipeline.stage import StageContext, make_tracker, run_stage
+from pipeline.stage import StageContext, is_multirun_job, make_tracker, run_stage
 from pipeline.stages import REPO_ROOT, STAGES, Stage, code_deps, producers
 from pipeline.summary import summary
-from pipeline.tracking import StageTracker, project_root
+from pipeline.tracking import StageTracker, project_root, run_description
+from pipeline.tradeoff import log_run_tradeoff
 
 #: Code hash of each stage module, taken once per process: a sweep whose jobs run in this process keeps
 #: its keys even if the code is edited while it runs. A plain dict rather than functools.cache: joblib and
@@ -115,10 +117,14 @@ def changed_outputs(stage: Stage, stage_dir: Path, record: Path) -> list[str]:
     return changed
 
 
-def run_chain(cfg: DictConfig, job_dir: Path, cache_dir: Path) -> None:
+def run_chain(cfg: DictConfig, job_dir: Path, cache_dir: Path) -> StageTracker:
+    """Run the chain into ``job_dir``; return its (ended) MLflow tracker."""
     config = validate(cfg)
     written_by = producers()
-    with make_tracker("pipeline", config) as tracker:
+    tracker = make_tracker("pipeline", config)
+    if not is_multirun_job():  # a sweep's job is named after its overrides, what sets it apart from the others
+        tracker.run_name = run_description(config)
+    with tracker:
         tracker.log_params(flatten(cfg))
         keys: dict[str, str] = {}
         stage_dirs: dict[str, Path] = {}
@@ -132,7 +138,18 @@ def run_chain(cfg: DictConfig, job_dir: Path, cache_dir: Path) -> None:
             _run_cached(stage, stage_dir, inputs, config, tracker, sources)
         for stage_dir in stage_dirs.values():
             _link_tree(stage_dir, job_dir)
-        log_evaluation(tracker, json.loads(Artifacts(job_dir).metrics.read_text()))
+        log_job_results(tracker, Artifacts(job_dir), config)
+    return tracker
+
+
+def log_job_results(tracker: StageTracker, artifacts: Artifacts, config: Config) -> None:
+    """The job's evaluation metrics (whether its evaluate stage ran or was reused) and its trade-off
+    (:func:`pipeline.tradeoff.log_run_tradeoff`) on its run."""
+    metrics = json.loads(artifacts.metrics.read_text())
+    log_evaluation(tracker, metrics, config)
+    baselines = json.loads(artifacts.baselines.read_text()) if config.chain.baselines else None
+    rows = comparison_rows(metrics, baselines, encoding_name(config.data.binarize))
+    log_run_tradeoff(tracker, rows, config.data.source, metrics.get("test_split"))
 
 
 def _run_cached(
@@ -181,8 +198,10 @@ def hydra_main(cfg: DictConfig) -> tuple[float, float]:
     """
     try:
         job_dir = Path(HydraConfig.get().runtime.output_dir)
-        run_chain(cfg, job_dir, Artifacts(project_root()).stage_cache)
+        tracker = run_chain(cfg, job_dir, Artifacts(project_root()).stage_cache)
         print(summary(job_dir))  # what `make repro` ends with: accuracies, cost, report, dashboard
+        if tracker.page_url() is not None:
+            print(f"MLflow run {tracker.run_name!r}, accuracy vs bit-ops: {tracker.page_url()}")
         print(f"pipeline: outputs in {job_dir}")
         return objectives(Artifacts(job_dir))
     except BnnError as err:

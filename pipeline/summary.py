@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bnn_core.stats import accuracy_interval, format_accuracy
 from pipeline.artifacts import Artifacts
+from pipeline.comparison import bit_ops
 
 
 def summary(root: Path) -> str:
@@ -15,6 +16,7 @@ def summary(root: Path) -> str:
     metrics = json.loads(artifacts.metrics.read_text())
     bnn, compressed, ratios = metrics["bnn"], metrics["compressed"], metrics["ratios"]
     n_test = int(metrics["n_test"])
+    bitwise_ops, real_ops = bit_ops(metrics)
 
     def accuracy(net: dict) -> str:
         n = int(net.get("n_test", n_test))
@@ -26,11 +28,12 @@ def summary(root: Path) -> str:
             f"bitwise network:                      {accuracy(bnn)} test accuracy "
             f"(sparsity {bnn['sparsity']}; the exported file reproduces the training-time scores exactly)",
             f"in brackets: Wilson 95% interval on {n_test:,} test examples",
-            f"cost: {bnn['binary_macs_per_example']:,} binary MACs vs {compressed['macs_per_example']:,} 32-bit MACs "
-            "per example; "
+            f"cost per example: {bitwise_ops:,} bit-ops ({bnn['binary_macs_per_example']:,} binary MACs) vs "
+            f"{real_ops:,} ({compressed['macs_per_example']:,} 32-bit MACs), {real_ops / bitwise_ops:.0f}x fewer; "
             f"{ratios['weight_bits']:.1f}x less weight memory; model file {bnn['model_file_bytes']:,} bytes",
             "speed: `make bench` (bitwise kernel vs float32, reports/bench.json)",
-            f"report: {artifacts.report}   dashboard: `make dashboard` -> http://127.0.0.1:5000",
+            (f"report: {artifacts.report}   " if artifacts.report.is_file() else "")
+            + "dashboard: `make dashboard` -> http://127.0.0.1:5000 (the run's page: accuracy vs bit-ops, tradeoff/)",
         ]
     )
 

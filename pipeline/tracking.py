@@ -17,6 +17,7 @@ later marks the runs whose process is gone as FAILED, with a note saying so.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import subprocess
@@ -25,7 +26,7 @@ import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -33,7 +34,12 @@ from omegaconf import DictConfig
 from pipeline.artifacts import Artifacts
 from pipeline.files import Interrupted, process_alive
 
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
 PIPELINE_RUN_ENV = "BNN_PIPELINE_RUN"
+#: ``make dashboard``'s address (MLFLOW_PORT in the Makefile).
+DASHBOARD_URL = "http://127.0.0.1:5000"
 T = TypeVar("T")
 
 
@@ -43,6 +49,14 @@ def project_root() -> Path:
 
 def default_tracking_uri() -> str:
     return f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def run_description(config: Config) -> str:
+    """What a run trained, as its name says it: ``mnist5k 3x1024 s0.50 bnn`` (data source, hidden layers,
+    sparsity of round 2, network)."""
+    hidden = config.model.hidden
+    widths = f"{len(hidden)}x{hidden[0]}" if len(set(hidden)) == 1 else "-".join(map(str, hidden))
+    return f"{config.data.source} {widths} s{config.finetune.sparsity:.2f} {config.model.network}"
 
 
 def _process_start_ticks(pid: int) -> str | None:
@@ -142,6 +156,12 @@ def _configure_client() -> None:
     # 2 x 30 s, once per stage (a tracker stops at its first failure).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # The console shows what a user asked for: not MLflow's notes (creating the store's tables, validating
+    # the input example, INFO) nor a progress bar for each artifact it reads back; its warnings still show.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow  # noqa: F401  (first: importing it sets its loggers' level)
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 class ArtifactLocationError(RuntimeError):
@@ -291,16 +311,47 @@ class StageTracker:
     """
 
     def __init__(
-        self, uri: str | None, experiment: str, stage: str, tags: dict[str, str] | None = None, run_name: str = ""
+        self,
+        uri: str | None,
+        experiment: str,
+        stage: str,
+        tags: dict[str, str] | None = None,
+        run_name: str = "",
+        description: str = "",
     ):
+        """``description``: what the execution trains (:func:`run_description`), the name of the parent
+        run that a ``dvc repro`` gets (else ``pipeline <id>``)."""
         self.uri = uri or default_tracking_uri()
         self.run_name = run_name or stage
         self.experiment = experiment
         self.stage = stage
         self.tags = dict(tags or {})
+        self.description = description
         self.run_id: str | None = None
         self.parent_id: str | None = None
+        self.pipeline_run: str | None = None
+        self.experiment_id: str | None = None
+        self.in_sweep = False
         self._failed = False
+
+    @property
+    def page_run_id(self) -> str | None:
+        """The run whose page shows this execution as a whole: the parent of a ``dvc repro``'s stages; else
+        this run (a stage by hand, a ``pipeline.run`` job: a sweep's parent shows the sweep, not one job)."""
+        return self.parent_id if self.parent_id is not None and not self.in_sweep else self.run_id
+
+    def page_url(self) -> str | None:
+        """Where the run page shows this execution's trade-off: on the tracking server, or on
+        ``make dashboard`` (http://127.0.0.1:5000) for the project's own store."""
+        if self.page_run_id is None or self.experiment_id is None:
+            return None
+        base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else DASHBOARD_URL
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.page_run_id}/artifactPath/tradeoff/tradeoff.png"
+
+    def attempt(self, action: str, fn: Callable[[], T]) -> T | None:
+        """``fn()``, retried while the store is locked; a failure is a warning (``could not <action>``) and
+        turns this tracker off, as for every other call."""
+        return self._guard(action, fn)
 
     def _guard(self, action: str, fn: Callable[..., T], *args, **kwargs) -> T | None:
         if self._failed:
@@ -324,14 +375,15 @@ class StageTracker:
 
         def _start() -> str:
             mlflow.set_tracking_uri(self.uri)
-            experiment_id = ensure_experiment(self.uri, self.experiment)
+            experiment_id = self.experiment_id = ensure_experiment(self.uri, self.experiment)
             fail_orphaned_runs(self.uri, experiment_id)
             pipeline_run, shared = pipeline_run_id()
+            self.pipeline_run, self.in_sweep = pipeline_run, bool(os.environ.get(PIPELINE_RUN_ENV))
             tags = common_tags(
                 {"stage": self.stage, "pipeline_run": pipeline_run, "kind": "stage", **process_tags(), **self.tags}
             )
             if shared:
-                name = f"pipeline {pipeline_run[:8]}"
+                name = self.description or f"pipeline {pipeline_run[:8]}"
                 self.parent_id = find_or_create_parent(self.uri, experiment_id, pipeline_run, name, tags)
                 tags["mlflow.parentRunId"] = self.parent_id
             return mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name, tags=tags).info.run_id
@@ -371,6 +423,11 @@ class StageTracker:
         import mlflow
 
         self._guard("log an artifact", mlflow.log_artifact, str(path), folder)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        self._guard("set tags", mlflow.set_tags, tags)
 
 
 class SweepTracking(Callback):

@@ -117,3 +117,45 @@ def test_the_integer_threshold_network_learns_and_its_export_is_exact(tmp_path):
     model = load_bitwise_model(Artifacts(tmp_path).bnn_model)
     hidden_constants = model.network.layers[0].bias
     assert not np.isin(hidden_constants, (-1, 1)).all()  # real thresholds, not binary biases
+
+
+def test_the_evaluation_names_its_cost_so_that_every_number_reads_right(tmp_path, monkeypatch):
+    """A dense network does as many binary MACs as its twin does 32-bit MACs: their ratio (1.00) once sat
+    beside "1024x fewer bit-ops". The run logs bit-ops, and the ratio of those."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.evaluate import log_evaluation
+    from pipeline.tracking import StageTracker
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BNN_PIPELINE_RUN", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("e", artifact_location=(tmp_path / "mlruns").as_uri())
+    metrics = {
+        "compressed": {"test_accuracy": 0.96, "macs_per_example": 1000, "weight_bits": 32_000},
+        "bnn": {
+            "test_accuracy": 0.95,
+            "binary_macs_per_example": 1000,
+            "weight_bits": 1000,
+            "model_file_bytes": 9,
+            "sparsity": 0.0,
+            "network": "bnn",
+        },
+        "ratios": {"weight_bits": 32.0},
+        "n_test": 500,
+        "test_split": "0123456789abcdef",
+    }
+    previous = mlflow.get_tracking_uri()
+    try:
+        with StageTracker(uri, "e", "evaluate") as tracker:
+            log_evaluation(tracker, metrics, tiny_config(tmp_path))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    logged = run.data.metrics
+    assert logged["cost/bit_ops"] == 1000 and logged["cost/real_bit_ops"] == 1_024_000
+    assert logged["cost/bit_ops_ratio_real_to_bitwise"] == 1024
+    assert "cost/macs_ratio" not in logged
+    assert run.data.tags["test_split"] == "0123456789abcdef"
+    assert run.data.tags["description"] == "mnist5k 2x64 s0.00 bnn"

@@ -1,8 +1,9 @@
 """The MLflow store a real pipeline run fills, read back over the REST API of `mlflow server`.
 
-One project copy (module scope) gets a tiny `dvc repro` (smoke) and, at the same time, a tiny 2-job
-sweep of ``pipeline.run`` (smoke), both writing the project's SQLite store; then `mlflow server` serves
-that store and the tests query it as the dashboard (`make dashboard`) would.
+One project copy (module scope) gets a tiny `dvc repro` (smoke, up to the report) and, at the same time, a
+tiny 2-job sweep of ``pipeline.run`` (smoke), both writing the project's SQLite store; then `mlflow server`
+serves that store and the tests query it as the dashboard (`make dashboard`) would: smoke runs in their own
+experiment, parent runs named by what they train, the accuracy / bit-ops picture and table on each run page.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tests.conftest import compose_params, git_project, project_env, run
 
 pytestmark = pytest.mark.slow
 SMOKE = ["experiment=smoke"]
+EXPERIMENT = "bitwise-nn-smoke"  # conf/experiment/smoke.yaml: smoke runs stay out of the real models' experiment
 SWEEP = [0.0, 0.5]
 #: The evaluation metrics the README documents (pipeline.evaluate.log_evaluation), on every evaluation.
 DOCUMENTED_METRICS = (
@@ -32,8 +34,12 @@ DOCUMENTED_METRICS = (
     "test/error",
     "cost/binary_macs",
     "cost/weight_bits",
-    "cost/macs_ratio",
+    "cost/bit_ops",
+    "cost/real_bit_ops",
+    "cost/bit_ops_ratio_real_to_bitwise",
 )
+#: What the trade-off puts on a run page (pipeline.tradeoff.log_run_tradeoff, log_sweep_tradeoff).
+TRADEOFF_FILES = {"tradeoff/tradeoff.png", "tradeoff/tradeoff.md", "tradeoff/comparison.json"}
 #: Smoke network 784-64-64-10 without zero weights: one binary MAC per weight and bias.
 SMOKE_BINARY_MACS = 64 * 785 + 64 * 65 + 10 * 65
 SERVER_START_TIMEOUT_S = 90
@@ -47,12 +53,12 @@ def filled_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mlflow.tracking import MlflowClient
 
     MlflowClient(f"sqlite:///{project / 'mlflow.db'}").create_experiment(
-        "bitwise-nn", artifact_location=(project / "mlruns").as_uri()
+        EXPERIMENT, artifact_location=(project / "mlruns").as_uri()
     )
     log = project.parent / "dvc_repro.log"
     with log.open("w") as out:
         dvc = subprocess.Popen(
-            ["dvc", "repro", "evaluate"], cwd=project, env=project_env(), stdout=out, stderr=subprocess.STDOUT
+            ["dvc", "repro", "report"], cwd=project, env=project_env(), stdout=out, stderr=subprocess.STDOUT
         )
         try:
             sweep_values = ",".join(map(str, SWEEP))
@@ -140,7 +146,7 @@ def flat(run: dict, field: str) -> dict:
 @pytest.fixture(scope="module")
 def runs(server: str) -> list[dict]:
     """Every run of the experiment, as the REST API returns it, with tags/params/metrics as dicts."""
-    experiment = api(server, "experiments/get-by-name", experiment_name="bitwise-nn")["experiment"]
+    experiment = api(server, "experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
     found = api(server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000})
     for r in found["runs"]:
         r["tags"], r["params"], r["metrics"] = (flat(r, f) for f in ("tags", "params", "metrics"))
@@ -148,13 +154,25 @@ def runs(server: str) -> list[dict]:
 
 
 def family(runs: list[dict]) -> dict[str, tuple[dict, list[dict]]]:
-    """``{parent run name prefix ('pipeline' or 'sweep'): (parent, children)}``."""
+    """``{'sweep' or 'pipeline' (the dvc repro): (parent, children)}``."""
     parents = [r for r in runs if r["tags"].get("kind") == "parent"]
     result = {}
     for parent in parents:
         children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parent["info"]["run_id"]]
-        result[parent["info"]["run_name"].split()[0]] = (parent, children)
+        result["sweep" if parent["info"]["run_name"].startswith("sweep ") else "pipeline"] = (parent, children)
     return result
+
+
+def artifact_files(url: str, run: dict, folder: str) -> set[str]:
+    listed = api(url, "artifacts/list", run_id=run["info"]["run_id"], path=folder)
+    return {f["path"] for f in listed.get("files", [])}
+
+
+def artifact_json(url: str, run: dict, path: str):
+    """An artifact's content, fetched as the run page fetches it (the server's artifact proxy)."""
+    address = f"{url}/get-artifact?path={urllib.request.quote(path)}&run_uuid={run['info']['run_id']}"
+    with urllib.request.urlopen(address, timeout=30) as response:
+        return json.loads(response.read())
 
 
 def check_documented_metrics(run: dict, binary_macs: int | None) -> None:
@@ -163,9 +181,17 @@ def check_documented_metrics(run: dict, binary_macs: int | None) -> None:
     assert not missing, (run["info"]["run_name"], missing)
     assert 0 < metrics["test/accuracy"] <= 1
     assert metrics["test/error"] == pytest.approx(1 - metrics["test/accuracy"])
-    assert metrics["cost/weight_bits"] > 0 and metrics["cost/macs_ratio"] >= 1
+    assert metrics["cost/weight_bits"] > 0
+    assert metrics["cost/bit_ops"] == metrics["cost/binary_macs"]  # one XNOR-popcount per binary MAC
+    assert metrics["cost/real_bit_ops"] == 1024 * metrics["cost/real_macs"]  # 32 x 32 per 32-bit MAC
+    assert metrics["cost/bit_ops_ratio_real_to_bitwise"] == pytest.approx(
+        metrics["cost/real_bit_ops"] / metrics["cost/bit_ops"]
+    )
+    assert "cost/macs_ratio" not in metrics  # 1.00 for a dense network, beside "1024x fewer bit-ops"
+    assert run["tags"]["test_split"] and run["tags"]["description"].startswith("mnist5k 2x64 s")
     if binary_macs is not None:
         assert metrics["cost/binary_macs"] == binary_macs
+        assert metrics["cost/bit_ops_ratio_real_to_bitwise"] == 1024  # dense: as many MACs, 1024x the bit-ops
     else:
         assert 0 < metrics["cost/binary_macs"] < SMOKE_BINARY_MACS
 
@@ -181,7 +207,15 @@ def test_server_serves_one_parent_per_pipeline_execution(runs):
 
 def test_dvc_repro_stages_are_children_of_its_parent_run(runs):
     parent, children = family(runs)["pipeline"]
-    assert sorted(r["tags"]["stage"] for r in children) == ["binarize", "evaluate", "finetune", "pretrain"]
+    assert parent["info"]["run_name"] == "mnist5k 2x64 s0.00 bnn"
+    assert sorted(r["tags"]["stage"] for r in children) == [
+        "baselines",
+        "binarize",
+        "evaluate",
+        "finetune",
+        "pretrain",
+        "report",
+    ]
     for child in children:
         assert child["tags"]["kind"] == "stage"
         assert child["tags"]["pipeline_run"] == parent["tags"]["pipeline_run"]
@@ -205,6 +239,35 @@ def test_sweep_jobs_are_children_of_the_sweep_run(runs):
         assert "finetune/best_val_accuracy" in child["metrics"]
     # Round 1 is computed once for the sweep (stage cache): its curves are in the run of the job that ran it.
     assert sum("pretrain/best_val_accuracy" in r["metrics"] for r in children) >= 1
+
+
+def test_the_parent_run_page_shows_the_tradeoff_without_clicking(runs, server):
+    """The dvc repro's parent holds the picture and the table of its four networks; what it is compared
+    with are runs of the same data and test examples only (here: the sweep's jobs, if they ended first)."""
+    parent, children = family(runs)["pipeline"]
+    assert artifact_files(server, parent, "tradeoff") == TRADEOFF_FILES
+    table = artifact_json(server, parent, "tradeoff/comparison.json")
+    assert [(r["network"], r["input"]) for r in table["this_run"]] == [
+        ("real", "real"),
+        ("real", "binary"),
+        ("compressed", "binary"),
+        ("bnn", "binary"),
+    ]
+    (evaluate,) = (r for r in children if r["tags"]["stage"] == "evaluate")
+    assert table["this_run"][3]["test_accuracy"] == evaluate["metrics"]["test/accuracy"]
+    jobs = {r["info"]["run_id"] for r in family(runs)["sweep"][1]}
+    assert {r["run_id"] for r in table["compared_with"]} <= jobs
+
+
+def test_the_sweep_parent_shows_the_tradeoff_of_its_jobs(runs, server):
+    parent, children = family(runs)["sweep"]
+    assert artifact_files(server, parent, "tradeoff") == TRADEOFF_FILES
+    table = artifact_json(server, parent, "tradeoff/comparison.json")
+    bitwise = sorted((r["sparsity"], r["run_id"]) for r in table["compared_with"] if r["network"] == "bnn")
+    by_sparsity = sorted((float(r["params"]["finetune.sparsity"]), r["info"]["run_id"]) for r in children)
+    assert bitwise == by_sparsity
+    for child in children:  # and each job's own page shows its networks
+        assert artifact_files(server, child, "tradeoff") == TRADEOFF_FILES
 
 
 def test_runs_compare_across_the_two_executions(runs, server):
