@@ -135,11 +135,24 @@ def log_model(model_file: Path, model: BitwiseModel, example_pixels: np.ndarray)
         )
 
 
-def register(model_uri: str, tags: dict[str, str]):
-    """A new version of :data:`REGISTERED_MODEL` (created on first use) for ``model_uri``, with ``tags``."""
-    import mlflow
+def register(info, tags: dict[str, str]):
+    """A new version of :data:`REGISTERED_MODEL` (created on first use) for the logged model ``info``
+    (MLflow's ModelInfo), with ``tags``.
 
-    return mlflow.register_model(model_uri, REGISTERED_MODEL, tags=tags)
+    Through the client rather than ``mlflow.register_model``, which prints "Successfully registered model"
+    and "Created version" to stderr on every call: the stage says which version it made itself."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.create_registered_model(REGISTERED_MODEL)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.create_model_version(
+        REGISTERED_MODEL, info.model_uri, run_id=info.run_id, tags=tags, model_id=info.model_id
+    )
 
 
 def _warn(tracker: StageTracker, action: str, err: Exception) -> None:
@@ -174,7 +187,7 @@ def log_and_register(tracker: StageTracker, model_file: Path, metrics: dict, exa
     try:
         run_tags = with_retries(lambda: mlflow.get_run(tracker.run_id).data.tags)
         tags = version_tags(metrics, model.metadata, run_tags.get("pipeline_run"))
-        return with_retries(lambda: register(info.model_uri, tags))
+        return with_retries(lambda: register(info, tags))
     except (MlflowException, OSError) as err:
         _warn(tracker, f"register the model as {REGISTERED_MODEL!r}", err)
         return None

@@ -32,7 +32,7 @@ from pipeline.artifacts import Artifacts, link_artifacts
 from pipeline.config import CONF_DIR, Config, flatten, validate
 from pipeline.files import command_line, fail, remove_stale
 from pipeline.stages import stage
-from pipeline.tracking import StageTracker, project_root
+from pipeline.tracking import StageTracker, project_root, run_description
 
 if TYPE_CHECKING:  # Lightning takes ~8 s to import: only the stages that train load it (in trainer())
     import lightning as L
@@ -95,10 +95,18 @@ def is_multirun_job() -> bool:
 
 
 def make_tracker(name: str, config: Config) -> StageTracker:
-    """The stage's MLflow run; in a sweep it is named after the job's overrides."""
+    """The stage's MLflow run; in a sweep it is named after the job's overrides. The parent run of a
+    ``dvc repro`` is named after what it trains (:func:`pipeline.tracking.run_description`)."""
     tags = {"data_source": config.data.source, **hydra_tags()}
     run_name = f"{name} {tags['hydra_overrides']}" if is_multirun_job() else name
-    return StageTracker(config.tracking.uri, config.tracking.experiment, name, tags=tags, run_name=run_name)
+    return StageTracker(
+        config.tracking.uri,
+        config.tracking.experiment,
+        name,
+        tags=tags,
+        run_name=run_name,
+        description=run_description(config),
+    )
 
 
 def seed_everything(config: Config) -> None:

@@ -86,7 +86,7 @@ def mlflow_runs(store: Path) -> list:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{store}")
-    experiment = client.get_experiment_by_name("bitwise-nn")
+    experiment = client.get_experiment_by_name("bitwise-nn-smoke")  # conf/experiment/smoke.yaml
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 

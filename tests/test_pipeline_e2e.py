@@ -51,7 +51,7 @@ def test_dvc_repro_then_experiment_reruns_only_what_changed(project_copy):
     assert sparse["bnn"]["binary_macs_per_example"] < metrics["bnn"]["binary_macs_per_example"]
 
     client = MlflowClient(f"sqlite:///{project_copy / 'mlflow.db'}")
-    experiment_id = client.get_experiment_by_name("bitwise-nn").experiment_id
+    experiment_id = client.get_experiment_by_name("bitwise-nn-smoke").experiment_id  # conf/experiment/smoke.yaml
     runs = client.search_runs([experiment_id])
     parents = {r.info.run_id: r for r in runs if r.data.tags["kind"] == "parent"}
     stages = [r for r in runs if r.data.tags["kind"] == "stage"]

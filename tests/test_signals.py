@@ -30,7 +30,7 @@ from tests.conftest import copy_sources, project_env, tracked_epochs
 
 SMOKE = ["experiment=smoke"]
 HOST = os.uname().nodename
-EXPERIMENT = "bitwise-nn"
+EXPERIMENT = "bitwise-nn-smoke"  # where smoke runs go (conf/experiment/smoke.yaml)
 DATA_OPTIONS = "fashion_mnist, idx, mnist, mnist5k"
 
 
@@ -110,7 +110,7 @@ from pathlib import Path
 from pipeline.files import atomic_path, writer_prefix
 from pipeline.tracking import StageTracker
 
-StageTracker(None, "bitwise-nn", "binarize").start()
+StageTracker(None, "bitwise-nn-smoke", "binarize").start()
 print(tempfile.mkdtemp(prefix=writer_prefix(sys.argv[1])), flush=True)
 with atomic_path(Path("data/features.npz")) as tmp:
     tmp.write_bytes(b"PK half an archive")

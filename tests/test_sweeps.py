@@ -147,7 +147,7 @@ def test_cluster_launcher_settings_reach_the_sbatch_script(tmp_path, monkeypatch
 
 def runs_of(project: Path) -> list[Run]:
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("bitwise-nn")
+    experiment = client.get_experiment_by_name("bitwise-nn-smoke")  # conf/experiment/smoke.yaml
     return client.search_runs([experiment.experiment_id], max_results=1000)
 
 
