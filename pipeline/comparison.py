@@ -30,13 +30,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from bnn_core.cost import FLOAT_BITS, FLOAT_MAC_BIT_OPS
 from bnn_core.errors import BnnError
 from bnn_core.stats import accuracy_interval, format_accuracy
 from pipeline.artifacts import Artifacts
 from pipeline.config import BinarizeConfig, Config, validate
 from pipeline.files import fail, write_json, write_text
 
-FLOAT_MAC_BITS = 32
 #: The config sections the jobs of one network must share: only ``finetune.sparsity`` may differ.
 SHARED_SECTIONS = ("seed", "data", "model", "augment", "pretrain")
 SHARED_FINETUNE_KEYS = ("grad", "init", "epochs", "batch_size", "lr", "weight_decay", "schedule", "loss", "max_minutes")
@@ -52,7 +52,7 @@ def encoding_name(binarize: BinarizeConfig) -> str:
 def bit_ops(metrics: dict) -> tuple[int, int]:
     """``(bitwise, real)``: bit-ops per example of the bitwise network (one XNOR-popcount per binary MAC)
     and of its tanh-compressed twin (32 x 32 bit operations per 32-bit MAC), from ``metrics.json``."""
-    return metrics["bnn"]["binary_macs_per_example"], metrics["compressed"]["macs_per_example"] * FLOAT_MAC_BITS**2
+    return metrics["bnn"]["binary_macs_per_example"], metrics["compressed"]["macs_per_example"] * FLOAT_MAC_BIT_OPS
 
 
 def _row(
@@ -86,8 +86,8 @@ def _real_cost(net: dict) -> dict[str, int]:
     macs = net["macs_per_example"]
     return {
         "macs": macs,
-        "mac_bits": FLOAT_MAC_BITS,
-        "bit_ops": macs * FLOAT_MAC_BITS**2,
+        "mac_bits": FLOAT_BITS,
+        "bit_ops": macs * FLOAT_MAC_BIT_OPS,
         "weight_bits": net["weight_bits"],
     }
 

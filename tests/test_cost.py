@@ -27,7 +27,9 @@ def test_totals_and_ratios():
     assert summary["real_macs"] == 4 * 4 + 2 * 5
     assert summary["binary_macs"] == summary["real_macs"]
     assert summary["memory_ratio"] == 32.0
+    assert summary["bit_ops_ratio"] == 1024.0  # same MACs, 32 x 32 bit-ops each against 1
     assert "| **total** |" in report.to_markdown()
+    assert "= 1,024x" in report.to_markdown()
 
 
 def test_real_valued_cost_counts_the_bias_as_one_more_input():
