@@ -1,11 +1,12 @@
-"""The Lightning DataModule over encoded splits (:mod:`bnn_core.splits`), with per-epoch augmentation."""
+"""The Lightning DataModule over encoded splits (:mod:`bnn_core.splits`), with per-epoch augmentation, for
+one training process or several (data parallel: each rank loads its own shard)."""
 
 from __future__ import annotations
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, TensorDataset
 
 from bnn_core.augment import ShiftAugmentation
 from bnn_core.errors import DataError
@@ -67,12 +68,46 @@ class EpochShuffle(Sampler[int]):
         return len(self.shuffle)
 
 
+#: The label of the copies that pad the validation split to a multiple of the number of ranks: a module
+#: leaves them out of its loss and accuracy (:mod:`bnn_core.lightning_modules`).
+PAD_LABEL = -1
+
+
+class EpochShards(DistributedSampler):
+    """The training split of one rank of several: Lightning's usual sampler (a permutation drawn from
+    ``seed + epoch``, the same on every rank, cut into one shard per rank and padded by repeating a few
+    examples, so that every rank takes the same number of steps, as DDP needs), which also tells an
+    :class:`AugmentedTrainSet` the epoch (Lightning calls ``set_epoch`` on the sampler only)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if isinstance(self.dataset, AugmentedTrainSet):
+            self.dataset.set_epoch(epoch)
+
+
+def padded_for_ranks(dataset: TensorDataset, world_size: int) -> TensorDataset:
+    """``dataset`` with copies of its first examples, labelled :data:`PAD_LABEL`, appended up to a
+    multiple of ``world_size``: each rank then gets as many examples (and batches) as every other, and
+    the copies are not counted, so that the accuracy reduced over the ranks is exactly the split's.
+    (Lightning's DistributedSampler pads with copies that count twice.)"""
+    x, y = dataset.tensors
+    pad = -len(y) % world_size
+    return TensorDataset(torch.cat([x, x[:pad]]), torch.cat([y, torch.full((pad,), PAD_LABEL, dtype=y.dtype)]))
+
+
 class FeatureDataModule(L.LightningDataModule):
     """Shuffled, seeded mini-batches of the training split; whole-split batches for evaluation.
 
     With ``augmentation`` the training inputs are ``augmentation.features(epoch)`` (fresh each epoch,
     :class:`AugmentedTrainSet`) instead of ``splits.x_train``; validation and test are never augmented.
     Without it nothing changes: same loader, same draws from the torch generator.
+
+    Under a Trainer with several processes (``world_size > 1``) each rank loads its shard: of the training
+    split through :class:`EpochShards`, of the validation split (:func:`padded_for_ranks`) through a
+    DistributedSampler without shuffling. Both are DistributedSamplers, which Lightning leaves as they
+    are. ``batch_size`` stays the batch of one optimizer step: each rank loads ``batch_size / world_size``
+    examples of it (DDP averages their gradients), so that a round takes the same steps of the same size
+    on any number of processes. One process loads as before: the same loaders, the same draws.
     """
 
     def __init__(
@@ -100,14 +135,42 @@ class FeatureDataModule(L.LightningDataModule):
         y = torch.from_numpy(getattr(self.splits, f"y_{split}"))
         return TensorDataset(x, y)
 
+    def _ranks(self) -> tuple[int, int]:
+        """``(world_size, global_rank)`` of the Trainer this module is attached to; ``(1, 0)`` without one."""
+        trainer = self.trainer
+        return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+
+    def setup(self, stage: str) -> None:
+        world_size, _ = self._ranks()
+        if self.batch_size % world_size:
+            raise DataError(f"a batch of {self.batch_size} cannot be split evenly over {world_size} training processes")
+        if len(self.splits.y_val) < world_size:
+            raise DataError(
+                f"{len(self.splits.y_val)} validation examples cannot be shared by {world_size} training processes"
+            )
+
     def train_dataloader(self) -> DataLoader:
+        world_size, rank = self._ranks()
+        if world_size > 1:
+            dataset = self._dataset("train") if self.augmentation is None else self._augmented_train_set()
+            sampler = EpochShards(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
+            return DataLoader(dataset, batch_size=self.batch_size // world_size, sampler=sampler)
         generator = torch.Generator().manual_seed(self.seed)
         if self.augmentation is None:
             return DataLoader(self._dataset("train"), batch_size=self.batch_size, shuffle=True, generator=generator)
-        dataset = AugmentedTrainSet(self.augmentation, self.splits.y_train)
+        dataset = self._augmented_train_set()
         # The loader's generator is the sampler's too, as in DataLoader(shuffle=True): the same draws.
         sampler = EpochShuffle(dataset, generator)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, generator=generator)
 
+    def _augmented_train_set(self) -> AugmentedTrainSet:
+        assert self.augmentation is not None
+        return AugmentedTrainSet(self.augmentation, self.splits.y_train)
+
     def val_dataloader(self) -> DataLoader:
+        world_size, rank = self._ranks()
+        if world_size > 1:
+            dataset = padded_for_ranks(self._dataset("val"), world_size)
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+            return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler)
         return DataLoader(self._dataset("val"), batch_size=self.eval_batch_size)

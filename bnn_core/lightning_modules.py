@@ -7,6 +7,14 @@ Two knobs per round (``pretrain.*`` / ``finetune.*`` in ``conf/config.yaml``):
   ``squared_hinge`` (BinaryNet's loss, Courbariaux et al. 2016), both on ``loss_scale * scores``;
 - ``schedule`` (:func:`bnn_core.objectives.make_scheduler`): how Adam's learning rate moves over the
   round's epochs.
+
+Under data parallelism (a Trainer with several processes, DDP) the epoch metrics are reduced across the
+ranks before anyone reads them (``sync_dist``; Lightning's mean of a logged value is the sum of
+``value * batch_size`` over the sum of batch sizes, on all ranks together): the validation accuracy that
+picks the best epoch is the whole split's, exactly, since the examples that pad a rank's shard are not
+counted (:data:`bnn_core.data_module.PAD_LABEL`). After every epoch the ranks compare their weights and
+buffers (:meth:`_Classifier.check_ranks_agree`): DDP's averaged gradients keep them identical, and with them
+round 2's sparsity thresholds (computed from the weights) and the synchronised batch-norm statistics.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from bnn_core.data_module import PAD_LABEL
 from bnn_core.errors import ConfigError, TrainingDivergedError
 from bnn_core.networks import BitwiseMLP, CompressedMLP
 from bnn_core.objectives import SCHEDULES, loss_fn, make_scheduler
@@ -52,9 +61,14 @@ class _Classifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor | None:
         x, y = batch
         scores = self.network(x)
+        padding = y == PAD_LABEL
+        if split != "train" and bool(padding.any()):  # a validation shard's padding (several ranks only)
+            scores, y = scores[~padding], y[~padding]
+            if len(y) == 0:
+                return None
         loss = self.loss_fn(scores * self.loss_scale, y)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
@@ -63,12 +77,16 @@ class _Classifier(L.LightningModule):
             )
         accuracy = (scores.argmax(dim=1) == y).float().mean()
         on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, prog_bar=on_step)
-        self.log(f"{split}/accuracy", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        # Weighted by the examples counted; reduced over the ranks at the epoch's end (one process: no-op).
+        logged = {"on_step": False, "on_epoch": True, "batch_size": len(y), "sync_dist": True}
+        self.log(f"{split}/loss", loss, prog_bar=on_step, **logged)
+        self.log(f"{split}/accuracy", accuracy, prog_bar=True, **logged)
         return loss
 
     def training_step(self, batch, batch_idx):  # type: ignore[override]
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        assert loss is not None  # training batches are never padding
+        return loss
 
     def validation_step(self, batch, batch_idx):  # type: ignore[override]
         self._step(batch, "val")
@@ -81,6 +99,25 @@ class _Classifier(L.LightningModule):
             raise TrainingDivergedError(
                 f"the weights became non-finite at epoch {self.current_epoch} of {self.stage_name}; "
                 "lower the learning rate"
+            )
+        if self.trainer.world_size > 1:
+            self.check_ranks_agree()
+
+    def check_ranks_agree(self) -> None:
+        """Raise unless every rank holds the same network: each compares the sum of each of its weights
+        and buffers (float64) with every other rank's. One collective call an epoch; all ranks reach the
+        same verdict, so they stop together."""
+        # Lightning reduces the epoch's logged metrics lazily, one collective call each, at their first read:
+        # read them on every rank before the collective call below, so that all make the same calls in the
+        # same order (callbacks that read them on rank 0 only, such as the progress bar, run before this).
+        self.trainer.callback_metrics  # noqa: B018
+        sums = torch.stack([t.detach().double().sum() for t in self.network.state_dict().values()])
+        gathered = self.all_gather(sums)
+        differ = [rank for rank in range(len(gathered)) if not torch.equal(gathered[rank], gathered[0])]
+        if differ:
+            raise TrainingDivergedError(
+                f"after epoch {self.current_epoch} of {self.stage_name} the network of rank(s) "
+                f"{', '.join(map(str, differ))} differs from rank 0's: the data-parallel copies went apart"
             )
 
     def configure_optimizers(self):

@@ -24,11 +24,14 @@ from pipeline.stages import stage
 from pipeline.training import fit
 
 
-def train_real_valued(ctx: StageContext, splits: FeatureSplits, encoder: InputEncoder | None) -> dict[str, float]:
+def train_real_valued(
+    ctx: StageContext, splits: FeatureSplits, encoder: InputEncoder | None
+) -> dict[str, float] | None:
     """Round 1's training (:func:`pipeline.training.fit`) of the uncompressed network on ``splits``.
 
     ``encoder`` made ``splits`` from the raw pixels; with ``augment.shift > 0`` it re-encodes the shifted
-    training images (None: the binarize stage's encoder, artifact ``input_encoder``).
+    training images (None: the binarize stage's encoder, artifact ``input_encoder``). None on a
+    data-parallel rank other than 0 (rank 0 tests and reports).
     """
     model, optim = ctx.config.model, ctx.config.pretrain
     seed_everything(ctx.config)  # each baseline starts from the seed, as if it were the only one
@@ -44,6 +47,8 @@ def train_real_valued(ctx: StageContext, splits: FeatureSplits, encoder: InputEn
     )
     module = PretrainModule(network, optim.lr, optim.epochs, optim.weight_decay, optim.schedule, optim.loss)
     best = fit(ctx, module, splits, optim, [], encoder=encoder)
+    if best is None:
+        return None
     network.eval()
     with torch.no_grad():
         predictions = predict_classes(network(torch.from_numpy(splits.x_test)))
@@ -59,10 +64,11 @@ def run(ctx: StageContext) -> None:
     data, split = ctx.config.data, ctx.config.data.split
     # the binarize stage's split exactly (pipeline/binarize.py), so both baselines see the same examples
     raw = split_source(load_source(data), split.val, split.test, split.seed, folds=split.folds, fold=split.fold)
-    rows = {
-        "real_input": train_real_valued(ctx, FeatureSplits.encode(raw, RealScaler()), RealScaler()),
-        "binary_input": train_real_valued(ctx, read_features(ctx.artifacts.features), None),
-    }
+    real_input = train_real_valued(ctx, FeatureSplits.encode(raw, RealScaler()), RealScaler())
+    binary_input = train_real_valued(ctx, read_features(ctx.artifacts.features), None)
+    if real_input is None or binary_input is None:  # another rank than 0 of a data-parallel run: rank 0 writes
+        return
+    rows = {"real_input": real_input, "binary_input": binary_input}
     ctx.tracker.log_metrics({f"baselines/{name}_test_accuracy": row["test_accuracy"] for name, row in rows.items()})
     write_json(ctx.artifacts.baselines, {**rows, MADE_FROM: made_from(ctx.artifacts, stage("baselines").reads)})
     print(

@@ -228,17 +228,38 @@ class FinetuneConfig(OptimConfig):
 
 #: Lightning accelerators a stage may ask for; ``auto`` picks a GPU when there is one.
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+#: Lightning strategies a stage may ask for: ``auto`` (one device: none; several: ``ddp``) or ``ddp``, which
+#: starts the other processes of a node by running the same command again (each rank runs the stage; only
+#: global rank 0 writes and tracks, :mod:`pipeline.training`). Not ``ddp_spawn``/``ddp_fork``: they train
+#: in child processes whose epoch history and MLflow logging never reach the stage.
+STRATEGIES = ("auto", "ddp")
+#: Lightning's precision settings. 16-bit formats hold integers exactly only up to 256 (bf16) or 2048
+#: (fp16): round 2's integer sums of +-1 products are exact only in 32 (or 64) bits.
+PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 
 
 @dataclass
 class TrainerConfig:
     accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
         _require(
             self.accelerator in ACCELERATORS, "trainer.accelerator", f"must be one of {ACCELERATORS}", self.accelerator
         )
+        _require(self.devices >= 1, "trainer.devices", "must be >= 1 (devices per node)", self.devices)
+        _require(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1", self.num_nodes)
+        _require(self.strategy in STRATEGIES, "trainer.strategy", f"must be one of {STRATEGIES}", self.strategy)
+        _require(self.precision in PRECISIONS, "trainer.precision", f"must be one of {PRECISIONS}", self.precision)
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in all: one per device on every node."""
+        return self.devices * self.num_nodes
 
 
 @dataclass
@@ -277,6 +298,15 @@ class Config:
 
     def __post_init__(self) -> None:
         _require(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED}", self.seed)
+        # A batch is that of one optimizer step, whatever the number of processes: each loads its share.
+        processes = self.trainer.world_size
+        for stage, optim in (("pretrain", self.pretrain), ("finetune", self.finetune)):
+            _require(
+                optim.batch_size % processes == 0,
+                f"{stage}.batch_size",
+                f"must be a multiple of trainer.devices * trainer.num_nodes ({processes}), each process's share",
+                optim.batch_size,
+            )
 
 
 @dataclass

@@ -10,13 +10,23 @@ from bnn_core.errors import ConfigError
 from bnn_core.lightning_modules import FinetuneModule
 from bnn_core.networks import BitwiseMLP
 from pipeline.artifacts import read_features
+from pipeline.config import PRECISIONS
 from pipeline.networks_io import load_compressed
 from pipeline.stage import StageContext, stage_main
 from pipeline.training import fit_round
 
+#: Precisions whose float sums of up to a few thousand +-1 products are exact integers (16-bit formats are
+#: exact only up to 256, bf16, or 2048, fp16).
+EXACT_PRECISIONS = tuple(p for p in PRECISIONS if not p.startswith(("16", "bf16")))
+
 
 def run(ctx: StageContext) -> None:
     optim = ctx.config.finetune
+    if ctx.config.trainer.precision not in EXACT_PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={ctx.config.trainer.precision}: round 2's sums of +-1 products (up to the fan-in) "
+            f"are exact integers only in one of {EXACT_PRECISIONS}"
+        )
     splits = read_features(ctx.artifacts.features)
     if not splits.is_binary():
         raise ConfigError(

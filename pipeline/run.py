@@ -34,7 +34,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from bnn_core.errors import BnnError
+from bnn_core.errors import BnnError, ConfigError
 from pipeline.artifacts import Artifacts, content_digest, link_artifacts
 from pipeline.comparison import comparison_rows, encoding_name
 from pipeline.config import CONF_DIR, Config, flatten, validate
@@ -120,6 +120,14 @@ def changed_outputs(stage: Stage, stage_dir: Path, record: Path) -> list[str]:
 def run_chain(cfg: DictConfig, job_dir: Path, cache_dir: Path) -> StageTracker:
     """Run the chain into ``job_dir``; return its (ended) MLflow tracker."""
     config = validate(cfg)
+    if config.trainer.world_size > 1:
+        # Every rank would run the whole chain: rank 1 would wait on the stage-cache lock that rank 0 holds
+        # while rank 0 waits for rank 1 inside DDP.
+        raise ConfigError(
+            f"trainer.devices * trainer.num_nodes = {config.trainer.world_size}: pipeline.run trains one process "
+            "per job; train data-parallel with the stage commands (dvc exp run -S trainer.devices=N, "
+            "python -m pipeline.pretrain ...)"
+        )
     written_by = producers()
     tracker = make_tracker("pipeline", config)
     if not is_multirun_job():  # a sweep's job is named after its overrides, what sets it apart from the others

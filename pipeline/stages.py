@@ -84,7 +84,15 @@ class Stage:
 
 
 #: Round 1 and the baselines train; what decides a training run besides its own section.
-_TRAINING = ("seed", "trainer.accelerator", "evaluate.batch_size")
+_TRAINING = (
+    "seed",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.precision",
+    "evaluate.batch_size",
+)
 _CURVE = {"x": "epoch", "y": "val_accuracy"}
 
 STAGES: tuple[Stage, ...] = (

@@ -318,9 +318,12 @@ class StageTracker:
         tags: dict[str, str] | None = None,
         run_name: str = "",
         description: str = "",
+        enabled: bool = True,
     ):
         """``description``: what the execution trains (:func:`run_description`), the name of the parent
-        run that a ``dvc repro`` gets (else ``pipeline <id>``)."""
+        run that a ``dvc repro`` gets (else ``pipeline <id>``). ``enabled=False``: a tracker that logs
+        nothing, for a training process other than global rank 0 (a data-parallel run is one MLflow run,
+        rank 0's, whose metrics are already reduced across ranks)."""
         self.uri = uri or default_tracking_uri()
         self.run_name = run_name or stage
         self.experiment = experiment
@@ -332,7 +335,7 @@ class StageTracker:
         self.pipeline_run: str | None = None
         self.experiment_id: str | None = None
         self.in_sweep = False
-        self._failed = False
+        self._failed = not enabled  # off from the start: every call below is skipped, as after a failure
 
     @property
     def page_run_id(self) -> str | None:
@@ -370,6 +373,8 @@ class StageTracker:
             return None
 
     def start(self) -> StageTracker:
+        if self._failed:
+            return self
         _configure_client()
         import mlflow
 

@@ -12,24 +12,34 @@ Everything a round's config asks of the training loop is done here, so the stage
   the learning-rate schedule keeps ``epochs`` as its horizon, so a round cut short by the clock simply
   stops part-way along it);
 - ``augment.shift``: the training images shifted at random and re-encoded each epoch
-  (:mod:`bnn_core.augment`), with the encoder the binarize stage fitted unless the caller passes one.
+  (:mod:`bnn_core.augment`), with the encoder the binarize stage fitted unless the caller passes one;
+- ``trainer.*``: devices, nodes, strategy, precision (:meth:`pipeline.stage.StageContext.trainer`).
+
+Data parallel (``trainer.devices * trainer.num_nodes > 1``): every rank runs the stage and trains on its
+shard of each epoch (:class:`bnn_core.data_module.FeatureDataModule`), with a random stream of its own
+for dropout (:class:`RankSeeds`); the metrics, and so the choice of the best epoch, are reduced across
+ranks (:mod:`bnn_core.lightning_modules`). Only global rank 0 keeps the best epoch's weights, writes the
+outputs and logs to MLflow: :func:`fit` returns None on the other ranks.
 """
 
 from __future__ import annotations
 
+import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from bnn_core.augment import ShiftAugmentation
 from bnn_core.data_module import FeatureDataModule
-from bnn_core.errors import DataError, TrainingDivergedError
+from bnn_core.errors import ConfigError, DataError, TrainingDivergedError
 from bnn_core.input_encoders import InputEncoder
 from bnn_core.splits import FeatureSplits
 from pipeline.artifacts import read_input_encoder, save_checkpoint
@@ -37,6 +47,25 @@ from pipeline.config import OptimConfig
 from pipeline.files import write_text, writer_prefix
 from pipeline.stage import CHECKPOINTS_PREFIX, StageContext
 from pipeline.tracking import StageTracker
+
+
+class RankSeeds(L.Callback):
+    """Data parallel only: once the ranks hold the same initial network (DDP copies rank 0's when it wraps
+    the model; Lightning has just re-seeded every rank with ``seed``), seed rank ``r`` with ``seed + r``,
+    so that the ranks draw different dropout masks instead of the same ones. One process is left alone:
+    its stream, and so its results, are those of a run without this callback."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1:
+            # Not L.seed_everything: it would also rewrite PL_GLOBAL_SEED, from which a later Trainer of this
+            # process re-seeds every rank alike.
+            seed = self.seed + trainer.global_rank
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
 
 
 class EpochHistory(L.Callback):
@@ -54,11 +83,15 @@ class EpochHistory(L.Callback):
         self.rows: list[dict[str, float]] = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Every rank reads the metrics: the first read reduces them across ranks (sync_dist), a collective
+        # call each, which all ranks must make. Rank 0 keeps and logs them.
         metrics = {
             k.replace("/", "_"): float(v)
             for k, v in trainer.callback_metrics.items()
             if k.startswith(("train/", "val/"))
         }
+        if not trainer.is_global_zero:
+            return
         self.rows.append({"epoch": trainer.current_epoch, **metrics})
         self.tracker.log_metrics({f"{self.stage}/{k}": v for k, v in metrics.items()}, step=trainer.current_epoch)
 
@@ -124,6 +157,17 @@ def training_augmentation(
     return ShiftAugmentation(splits.pixels_train, encoder, shift, ctx.config.seed)
 
 
+def check_batch_norm_sync(trainer: L.Trainer, module: L.LightningModule) -> None:
+    """Several processes keep one network only if their batch norms share batch statistics
+    (``sync_batchnorm``), which torch's SyncBatchNorm does on GPUs only: refuse the rest in one line."""
+    has_batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    if trainer.world_size > 1 and has_batch_norm and isinstance(trainer.accelerator, CPUAccelerator):
+        raise ConfigError(
+            f"model.norm=batchnorm on {trainer.world_size} CPU processes: torch synchronises batch-norm "
+            "statistics across processes on GPUs only; train it in one process (trainer.devices=1) or on GPUs"
+        )
+
+
 def fit(
     ctx: StageContext,
     module: L.LightningModule,
@@ -131,10 +175,13 @@ def fit(
     optim: OptimConfig,
     callbacks: list[L.Callback],
     encoder: InputEncoder | None = None,
-) -> BestEpoch:
+) -> BestEpoch | None:
     """Train ``module`` for ``optim.epochs`` (or until ``optim.max_minutes``) and load the weights of its
     best validation epoch into it. ``encoder``: see :func:`training_augmentation` (used only with
-    ``augment.shift > 0``)."""
+    ``augment.shift > 0``).
+
+    None on a data-parallel rank other than 0: its part is done (Lightning's checkpoint lies on rank 0's
+    machine; the module keeps the last epoch's weights)."""
     augmentation = training_augmentation(ctx, splits, encoder)
     data = FeatureDataModule(splits, optim.batch_size, ctx.config.seed, ctx.config.evaluate.batch_size, augmentation)
     # Named after this process, so that a stage started after it was killed can remove the folder.
@@ -143,8 +190,12 @@ def fit(
             dirpath=folder, filename="best", monitor="val/accuracy", mode="max", save_top_k=1, save_weights_only=True
         )
         progress = [RoundProgressBar(ctx.name)] if ctx.config.trainer.progress_bar else []
-        trainer = ctx.trainer(optim.epochs, [best, *progress, *callbacks], max_minutes=optim.max_minutes)
+        seeds = RankSeeds(ctx.config.seed)
+        trainer = ctx.trainer(optim.epochs, [best, seeds, *progress, *callbacks], max_minutes=optim.max_minutes)
+        check_batch_norm_sync(trainer, module)
         trainer.fit(module, datamodule=data)
+        if not trainer.is_global_zero:
+            return None
         if not best.best_model_path:  # Lightning validates before it stops, so this should not happen
             raise TrainingDivergedError(f"{ctx.name}: training stopped before any validation epoch")
         checkpoint = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
@@ -166,6 +217,8 @@ def fit_round(
     """:func:`fit`, then save the best epoch's network (``checkpoint_path``) and the round's curves."""
     history = EpochHistory(ctx.tracker, ctx.name)
     best = fit(ctx, module, splits, optim, [history])
+    if best is None:  # another rank than 0 of a data-parallel run: rank 0 writes
+        return
     ctx.tracker.log_metrics(
         {
             f"{ctx.name}/best_val_accuracy": best.val_accuracy,

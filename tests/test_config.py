@@ -62,6 +62,11 @@ def test_params_yaml_is_the_composition_of_conf():
         ("pretrain.lr=2", "pretrain.lr"),
         ("pretrain.weight_decay=nan", "pretrain.weight_decay"),
         ("trainer.accelerator=tpu", "trainer.accelerator"),
+        ("trainer.devices=0", "trainer.devices"),
+        ("trainer.num_nodes=0", "trainer.num_nodes"),
+        ("trainer.strategy=ddp_spawn", "trainer.strategy"),
+        ("trainer.precision=8-true", "trainer.precision"),
+        ("trainer.devices=3", "pretrain.batch_size"),  # 100 examples a step do not split over 3 processes
         ("pretrain.epochs=0", "pretrain.epochs"),
         ("model.dropout_hidden=1.0", "model.dropout_hidden"),
         ("data=idx", "data.path"),
@@ -103,3 +108,38 @@ def test_asking_for_a_missing_gpu_is_a_config_error():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ConfigError, match=r"trainer\.accelerator=gpu: No supported gpu backend found"):
         stage_context(["trainer.accelerator=gpu"]).trainer(1, [])
+
+
+@pytest.mark.parametrize(
+    ("environment", "rank_zero"),
+    [
+        ({}, True),
+        ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, True),  # Lightning's ddp, in the process it started from
+        ({"LOCAL_RANK": "1", "NODE_RANK": "0"}, False),  # ... and in the process it started
+        ({"NODE_RANK": "1"}, False),  # the first process of a second node
+        ({"RANK": "3", "LOCAL_RANK": "1"}, False),  # torchrun
+        ({"SLURM_PROCID": "2"}, False),  # srun
+    ],
+)
+def test_rank_zero_is_read_from_the_launchers_variables(monkeypatch, environment, rank_zero):
+    from pipeline.stage import RANK_VARIABLES, launched_as_rank_zero
+
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert launched_as_rank_zero() is rank_zero
+
+
+def test_a_rank_lightning_does_not_agree_with_is_a_config_error():
+    from dataclasses import replace
+
+    ctx = replace(stage_context([]), rank_zero=False)  # e.g. LOCAL_RANK=1 left set, one device asked for
+    with pytest.raises(ConfigError, match="global rank 0 of 1"):
+        ctx.trainer(1, [])
+
+
+def test_trainer_gets_devices_nodes_strategy_and_precision():
+    trainer = stage_context(["trainer.precision=64-true", "trainer.num_nodes=1"]).trainer(1, [])
+    assert trainer.num_devices == 1 and trainer.num_nodes == 1 and trainer.world_size == 1
+    assert trainer.precision == "64-true"
