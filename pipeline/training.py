@@ -25,6 +25,7 @@ outputs and logs to MLflow: :func:`fit` returns None on the other ranks.
 from __future__ import annotations
 
 import random
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,11 +110,16 @@ class RoundProgressBar(TQDMProgressBar):
     Lightning's own bar (Rich, when installed) wraps its metrics over several lines and, in a terminal,
     prints the last epoch twice with different values; it also adds a bar for the sanity check and one
     for each validation, which take a fraction of a second here.
+
+    Where stderr is not a terminal (a log file, a pipe, CI, a sweep's job), a bar's carriage returns and
+    half-drawn states would fill the log: there it prints one line per epoch instead, when the epoch has
+    validated (``pretrain epoch 3/30: train/loss 0.412, train/accuracy 0.871, val/accuracy 0.902``).
     """
 
     def __init__(self, name: str):
         super().__init__()
         self.name = name
+        self.live = sys.stderr.isatty()
 
     def init_sanity_tqdm(self) -> Tqdm:
         return Tqdm(disable=True)
@@ -121,9 +127,21 @@ class RoundProgressBar(TQDMProgressBar):
     def init_validation_tqdm(self) -> Tqdm:
         return Tqdm(disable=True)
 
+    def init_train_tqdm(self) -> Tqdm:
+        return super().init_train_tqdm() if self.live else Tqdm(disable=True)
+
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description(f"{self.name} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.live or not trainer.is_global_zero:
+            return
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if isinstance(v, int | float)}
+        shown = ", ".join(f"{key} {value:.3g}" for key, value in sorted(metrics.items()))
+        epoch = f"{self.name} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        print(f"{epoch}: {shown}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)

@@ -188,12 +188,18 @@ def test_without_a_time_budget_every_epoch_runs(tmp_path: Path) -> None:
     assert best.epochs_run == 3
 
 
-def test_the_console_shows_one_bar_per_round_ending_on_the_last_epochs_numbers(tmp_path: Path, capfd) -> None:
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "log"])
+def test_the_console_shows_one_bar_per_round_ending_on_the_last_epochs_numbers(
+    tmp_path: Path, capfd, monkeypatch, terminal: bool
+) -> None:
     """No Lightning notes (GPU/TPU lines, its cloud-logging tip, "`Trainer.fit` stopped"), no sanity-check or
-    validation bars: one bar, ``pretrain epoch e/E``, whose last state shows the last epoch's accuracy."""
+    validation bars. In a terminal: one bar, ``pretrain epoch e/E``, whose last state shows the last epoch's
+    accuracy. In a log (stderr not a terminal): one line per epoch, nothing half-drawn."""
     import logging
+    import sys
 
     logging.getLogger("lightning.pytorch").setLevel(logging.INFO)  # as in a fresh process
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     ctx = StageContext("pretrain", Config(), Artifacts(tmp_path), None)  # type: ignore[arg-type]
     assert ctx.config.trainer.progress_bar
     history = []
@@ -208,9 +214,16 @@ def test_the_console_shows_one_bar_per_round_ending_on_the_last_epochs_numbers(t
     console = out + err
     for noise in ("GPU available", "TPU available", "Tip:", "Trainer.fit", "Sanity Checking", "Validation"):
         assert noise not in console, noise
-    last = console.replace("\r", "\n").strip().splitlines()[-1]
-    assert last.startswith("pretrain epoch 3/3: 100%"), last
-    assert f"val/accuracy={history[-1]:.3f}" in last, (last, history)
+    if terminal:
+        last = console.replace("\r", "\n").strip().splitlines()[-1]
+        assert last.startswith("pretrain epoch 3/3: 100%"), last
+        assert f"val/accuracy={history[-1]:.3f}" in last, (last, history)
+    else:
+        assert "\r" not in console
+        lines = console.strip().splitlines()
+        assert [line.split(":")[0] for line in lines] == [f"pretrain epoch {e}/3" for e in (1, 2, 3)], lines
+        for line, accuracy in zip(lines, history, strict=True):
+            assert f"val/accuracy {accuracy:.3g}" in line, (line, history)
 
 
 def test_weights_that_overflow_stop_training_with_a_clear_error(tmp_path: Path) -> None:
