@@ -220,7 +220,7 @@ def test_joblib_sweep_of_the_chain_shares_binarize_and_pretrain(project_copy):
     assert result.stdout.count("pretrain: reusing") == 1
     assert "finetune: reusing" not in result.stdout
     # each job ends with the `make repro` summary: accuracies with their intervals, cost, report
-    assert result.stdout.count("bitwise network:") == 2 and result.stdout.count("cost: ") == 2
+    assert result.stdout.count("bitwise network:") == 2 and result.stdout.count("cost per example: ") == 2
 
 
 @pytest.mark.slow
