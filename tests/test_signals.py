@@ -140,6 +140,10 @@ class Killed:
     runs_after: dict[str, Run]
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def private_tmp(project: Path) -> Path:
     """The project's own temp folder: every stage that starts on this machine removes the checkpoint
     folders of dead processes from the shared one, so a test watching its own needs a folder of its own."""
@@ -205,7 +209,11 @@ def stopped(tmp_path_factory) -> tuple[Killed, dict[str, tuple[Path, subprocess.
         with logs[case].open("w") as log:
             command = [sys.executable, "-m", *INTERRUPTED[case][2]]
             env = project_env(TMPDIR=str(private_tmp(projects[case])))
-            processes[case] = subprocess.Popen(command, cwd=projects[case], env=env, stdout=log, stderr=log)
+            # SIGINT as a terminal delivers it: a test runner started in the background (`cmd &` without job
+            # control) ignores SIGINT, the child would inherit that, and Python keeps an ignored SIGINT ignored.
+            processes[case] = subprocess.Popen(
+                command, cwd=projects[case], env=env, stdout=log, stderr=log, preexec_fn=default_sigint
+            )
 
     killed = kill_and_restart(projects["pretrain"])
     for case in INTERRUPTED:
