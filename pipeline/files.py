@@ -78,6 +78,16 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_png(path: Path, fig) -> None:
+    """A matplotlib figure as ``path`` (atomically, as every output), then closed: every picture the
+    pipeline writes has the same size and resolution."""
+    import matplotlib.pyplot as plt  # only the stages that draw pay for it
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def fail(command: str, message: str) -> NoReturn:
     """One line on stderr, exit status 2: an expected mistake, so no traceback."""
     print(f"error: {command}: {message}", file=sys.stderr)

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bnn_core.errors import BnnError
 from pipeline.artifacts import Artifacts, load_checkpoint
-from pipeline.files import atomic_path, fail, write_json
+from pipeline.files import fail, write_json, write_png
 
 #: The two objectives, in the order the task function returns them, with the direction of each
 #: (``hydra.sweeper.direction`` of conf/experiment/pareto_search.yaml says the same).
@@ -212,9 +212,7 @@ def plot_pareto(summary: dict, path: Path) -> None:
     ax.set_title(f"Pareto search on {summary['data_source']}: {len(front)} of {len(rows)} trials on the front")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    write_png(path, fig)
 
 
 def write_pareto(root: Path, job_dirs: Sequence[Path], keys: Sequence[str], command: str) -> tuple[Path, Path, dict]:

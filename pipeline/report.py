@@ -27,15 +27,9 @@ import matplotlib.pyplot as plt
 from bnn_core.errors import DataError
 from pipeline.artifacts import MADE_FROM, Artifacts, check_made_together, made_by, read_json_artifact
 from pipeline.comparison import accuracy_cell, comparison_rows, encoding_name, render_rows
-from pipeline.files import atomic_path, write_json, write_text
+from pipeline.files import write_json, write_png, write_text
 from pipeline.stage import StageContext, stage_main
 from pipeline.tradeoff import log_run_tradeoff, plot_tradeoff, tradeoff_title
-
-
-def _save_png(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 def read_history(path: Path) -> dict[str, list[float]]:
@@ -65,7 +59,7 @@ def plot_curves(histories: dict[str, dict[str, list[float]]], path: Path) -> Non
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
         ax.legend()
-    _save_png(fig, path)
+    write_png(path, fig)
 
 
 def render(rows: list[dict], metrics: dict, data_source: str) -> str:

@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pipeline.comparison import render_rows
-from pipeline.files import atomic_path, write_json, write_text
+from pipeline.files import write_json, write_png, write_text
 
 if TYPE_CHECKING:
     from pipeline.tracking import StageTracker
@@ -153,9 +153,7 @@ def plot_tradeoff(
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))  # one entry per series, only for series drawn
     ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    write_png(path, fig)
     return list(unique)
 
 
