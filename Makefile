@@ -28,9 +28,12 @@ repro: $(STAMP) vega-js
 	$(BIN)/dvc repro
 	@$(BIN)/python -m pipeline.summary
 
-test: $(STAMP) system-deps vega-js
+# The three set-up steps are independent (pip, apt-get, npm registry): they run side by side. The test files
+# are spread over the cores, one file per worker at a time (its module-scoped fixtures are built once).
+test:
+	$(MAKE) --no-print-directory --jobs=3 $(STAMP) system-deps vega-js
 	$(BIN)/ruff check .
-	$(BIN)/pytest --durations=15
+	$(BIN)/pytest --numprocesses=auto --dist=loadfile --durations=15
 
 # Debian tools the C export's tests build and run with (ARM cross-compilers, qemu-arm), and chromium for the
 # plots page test: installs what is missing when run as root with apt-get, otherwise says why not (those

@@ -91,3 +91,16 @@ def compose_params(project: Path, overrides: list[str]) -> None:
     from dvc.utils.hydra import compose_and_dump
 
     compose_and_dump(project / "params.yaml", str(project / "conf"), None, "config", str(project), overrides)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files marked ``heavy`` first, then files with ``slow`` tests, then the rest; each file's tests in their
+    own order.
+
+    ``make test`` hands whole files to its workers in collection order (pytest-xdist ``--dist=loadfile``):
+    starting with the long files and ending with the short ones keeps every core busy to the end, instead of
+    one worker starting a minutes-long file while the others have nothing left to do.
+    """
+    heavy = {item.path for item in items if item.get_closest_marker("heavy")}
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (item.path not in heavy, item.path not in slow))  # stable within a file

@@ -16,6 +16,8 @@ from bnn_core.stats import wilson_interval
 from pipeline.comparison import comparison_rows, table1_rows, write_table1
 from tests.conftest import ROOT, run
 
+pytestmark = pytest.mark.heavy  # make test starts this file early (tests/conftest.py)
+
 REAL_MACS, REAL_BITS = 1000, 32_000
 PIXEL_MACS = 600  # the network on pixels has fewer inputs than the ones on (Lloyd-Max) bit-planes
 #: (network, input, sparsity) of the rows of a table swept over sparsities 0.0 and 0.5, in order.

@@ -35,6 +35,8 @@ from pipeline.stage import StageContext, run_stage
 from pipeline.tracking import StageTracker
 from tests.conftest import ROOT, copy_sources, run
 
+pytestmark = pytest.mark.heavy  # make test starts this file early (tests/conftest.py)
+
 SMALL = ["experiment=smoke", "pretrain.epochs=3"]
 #: Two runs that differ only in shuffling and dropout draws: 500 validation / test examples, accuracy
 #: ~0.8, so one run's standard error is ~0.018; their difference stays well within this.

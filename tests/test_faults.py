@@ -26,7 +26,7 @@ import pytest
 
 from tests.conftest import ROOT, compose_params, copy_sources, git_project, project_env, run, tracked_epochs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 SMOKE = ["experiment=smoke"]
 #: Outputs of binarize and pretrain (smoke), made once and copied into the tests that start later.
 UPSTREAM = ["data/features.npz", "data/input_encoder.json", "models/pretrained.pt", "reports/pretrain_history.csv"]

@@ -23,6 +23,8 @@ from bnn_core.stats import wilson_interval
 from pipeline.kfold import KFoldWriter, fold_results, summarize, write_kfold
 from tests.conftest import ROOT, run
 
+pytestmark = pytest.mark.heavy  # make test starts this file early (tests/conftest.py)
+
 #: sha256 of pixels + int64 labels of each split of mnist5k's default split (val 500, test 500, seed 0),
 #: computed with the code before k-fold existed (commit 0df5e30): folds=None must keep it to the byte.
 DEFAULT_SPLIT_SHA256 = {

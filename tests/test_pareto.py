@@ -18,6 +18,8 @@ from pipeline.artifacts import Artifacts, save_checkpoint
 from pipeline.pareto import dominates, pareto_front, searched_keys, write_pareto
 from tests.conftest import ROOT, run
 
+pytestmark = pytest.mark.heavy  # make test starts this file early (tests/conftest.py)
+
 CONF = ROOT / "conf"
 
 

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import compose_params, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 SMOKE = ["experiment=smoke"]
 ALL_STAGES = ["binarize", "pretrain", "finetune", "evaluate", "baselines", "report"]
 # and DVC's stand-alone commands (pipeline.stages.COMMANDS), which log no MLflow run

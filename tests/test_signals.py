@@ -28,6 +28,8 @@ from pipeline.stage import CHECKPOINTS_PREFIX, remove_leftovers
 from pipeline.tracking import StageTracker
 from tests.conftest import copy_sources, project_env, tracked_epochs
 
+pytestmark = pytest.mark.heavy  # make test starts this file early (tests/conftest.py)
+
 SMOKE = ["experiment=smoke"]
 HOST = os.uname().nodename
 EXPERIMENT = "bitwise-nn-smoke"  # where smoke runs go (conf/experiment/smoke.yaml)

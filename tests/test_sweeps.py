@@ -25,6 +25,8 @@ from omegaconf import OmegaConf
 from pipeline.config import validate
 from tests.conftest import ROOT, compose_params, run
 
+pytestmark = pytest.mark.heavy  # make test starts this file early (tests/conftest.py)
+
 CONF = ROOT / "conf"
 SMOKE = ["experiment=smoke"]
 SMOKE_NET = ["model.hidden=[64,64]", "pretrain.epochs=1", "finetune.epochs=1", "trainer.progress_bar=false"]

@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.tracking import check_artifact_location
 from tests.conftest import ROOT, git_project, project_env, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 DB_USER = "mlflow"
 SMOKE = ["experiment=smoke"]

@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import compose_params, git_project, project_env, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 SMOKE = ["experiment=smoke"]
 EXPERIMENT = "bitwise-nn-smoke"  # conf/experiment/smoke.yaml: smoke runs stay out of the real models' experiment
 SWEEP = [0.0, 0.5]
