@@ -56,7 +56,13 @@ def tracked_epochs(store: Path, metric: str) -> int:
 
 
 def copy_sources(dest: Path) -> Path:
-    """The project's tracked sources copied into ``dest`` (no git repository)."""
+    """The project's tracked sources copied into ``dest`` (no git repository), with numba's compiled kernels.
+
+    The kernels are those earlier tests compiled in the repository (``bnn_core/__pycache__/*.nbi|nbc``):
+    numba keys them by the source file's size and modification time, which ``copy2`` keeps, so a copy's
+    stages load them instead of compiling them again (~7 s per evaluate stage); a test that edits a source
+    file in its copy invalidates that file's kernels, as in the repository.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         src = ROOT / name
@@ -68,6 +74,11 @@ def copy_sources(dest: Path) -> Path:
             shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, target)
+    compiled = dest / "bnn_core" / "__pycache__"
+    for path in (ROOT / "bnn_core" / "__pycache__").glob("*.nb[ic]"):
+        compiled.mkdir(exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # another worker's numba replacing it right now
+            shutil.copy2(path, compiled / path.name)
     return dest
 
 

@@ -34,7 +34,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import check_artifact_location
-from tests.conftest import ROOT, git_project, project_env, run
+from tests.conftest import git_project, project_env, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
@@ -166,17 +166,9 @@ def team_server() -> Iterator[tuple[str, str, Path]]:
 
 @pytest.fixture(scope="module")
 def team_project(tmp_path_factory) -> Path:
-    """One project copy for the module.
-
-    With numba's compiled kernels of the repository, where earlier tests left them (``bnn_core/__pycache__``;
-    numba keys them by the source file's size and time, which the copy keeps): otherwise each of the 4
-    parallel evaluate stages compiles them at once, which is slow and not what is tested here."""
-    project = git_project(tmp_path_factory.mktemp("team") / "project")
-    compiled = project / "bnn_core" / "__pycache__"
-    compiled.mkdir(exist_ok=True)
-    for path in (ROOT / "bnn_core" / "__pycache__").glob("*.nb[ic]"):
-        shutil.copy2(path, compiled / path.name)
-    return project
+    """One project copy for the module (with the repository's compiled kernels, so that the 4 parallel
+    evaluate stages do not all compile them at once: not what is tested here)."""
+    return git_project(tmp_path_factory.mktemp("team") / "project")
 
 
 def sweep_family(client: MlflowClient, experiment: str, sparsities: list[float]) -> tuple[Run, list[Run]]:
