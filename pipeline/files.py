@@ -82,7 +82,7 @@ def write_text(path: Path, text: str) -> None:
 
 def write_png(path: Path, fig) -> None:
     """A matplotlib figure as ``path`` (atomically, as every output), then closed: every picture the
-    pipeline writes has the same size and resolution."""
+    pipeline writes has the same resolution (110 dpi) and is cropped tight to what it draws."""
     import matplotlib.pyplot as plt  # only the stages that draw pay for it
 
     with atomic_path(path) as tmp:
