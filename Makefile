@@ -17,11 +17,16 @@ ifneq ($(shell cat $(STAMP) 2>/dev/null),$(VENV_KEY))
 .PHONY: $(STAMP)
 endif
 
+# pip byte-compiles one file after another; compileall spreads the ~19,000 files over the cores instead
+# (the venv in 177 s instead of 202 s on 2 cores). Its exit status is ignored as pip ignores the same failure:
+# torch ships a Python 3.12-only file that does not compile on 3.11. The import check after it is the test.
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" ; test -x $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" ; $(BIN)/python -c "import bnn_core, pipeline, dvc, mlflow, lightning"
+	$(BIN)/pip install --quiet --no-compile "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" ; test -x $(BIN)/python
+	$(BIN)/pip install --quiet --no-compile -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
+	$(BIN)/python -c "import bnn_core, pipeline, dvc, mlflow, lightning"
 	echo '$(VENV_KEY)' > $(STAMP)
 
 repro: $(STAMP) vega-js
