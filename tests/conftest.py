@@ -105,7 +105,7 @@ def compose_params(project: Path, overrides: list[str]) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under ``make test``'s workers, each worker's share of the cores for torch's threads.
+    """Under ``make test``: each worker's share of the cores for torch's threads, and the file order kept.
 
     Two workers on two cores each training with torch's default of one thread per core oversubscribe the
     CPU, and OpenMP's spinning threads then burn it: on this 2-core machine the suite took 33 CPU minutes
@@ -115,6 +115,11 @@ def pytest_configure(config: pytest.Config) -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    # pytest-xdist (3.6+) hands out ``--dist=loadfile``'s files by how many tests each holds, not in
+    # collection order, unless told not to: its own order started the 3-test chain files last, so one worker
+    # ran them alone at the end. Keep the order pytest_collection_modifyitems sets.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
