@@ -43,6 +43,16 @@ Two ways to count, chosen per target CPU (:data:`CSA_DEFAULT`, from the features
   VPOPCNTDQ, 1 core, 784-3x1024-10, batch 2000): 6.9 us per row against 11-12 us for the emulated vector
   popcount, 1.6-1.8x.
 
+For large batches of networks without zero weights, carry-save CPUs also have a **bit-sliced** kernel
+(:func:`bitsliced_network`, laid out by :class:`bnn_core.kernels.BitSlicedLayout`): rows go in blocks of
+``BS_ROWS`` (one bit per row in each lane of a vector), so an input bit of the whole block is one vector,
+and unit ``o``'s disagreements are ``d = n1 - T + 2 S0`` (``T`` the row's set input bits, ``S0`` those
+among the inputs where ``o``'s sign bit is 0; or ``n1 + T - 2 S1``, whichever subset is smaller). A
+vertical count of at most half the input vectors through carry-save adders (Harley-Seal again, about one
+full adder per vector, no XOR and no popcount), a bit-sliced compare ``Z <= K`` for the sign, and the
+output bit planes are the next layer's input. Measured on Cascade Lake at batch 10,000 against the tile
+kernels: 1.5-2.2x (AVX-512) and 2.0-2.1x (AVX2 build).
+
 Both share the tile layout and cache blocking:
 
 - A 64-unit tile is exactly one output word, so a hidden-layer kernel turns its lane comparisons
@@ -137,6 +147,14 @@ _TARGET_NAME, _TARGET_FEATURES = target_cpu()
 #: (AVX-512 VPOPCNTDQ, or ARM, whose NEON byte popcount LLVM widens cheaply) the vector popcount.
 CSA_DEFAULT: bool = _is_x86() and "avx512vpopcntdq" not in _TARGET_FEATURES
 
+# Bit-sliced batch kernel (:func:`bitsliced_network`): rows per block = 64 x lanes of one vector.
+BS_LANES = LANES if "avx512f" in _TARGET_FEATURES else LANES // 2
+BS_ROWS = 64 * BS_LANES
+BS_GROUP = 32  # inputs per carry-save round (index lists are padded to a multiple with the zero row)
+BS_PLANES = 12  # bit planes of a vertical count: layers of at most 4095 inputs
+BS_SIGN_BITS = BS_PLANES + 3  # two's complement width of the compare (|Z - K - 1| < 2^14)
+BS_MAX_INPUTS = 2**BS_PLANES - 1
+
 
 if UNAVAILABLE_REASON is None:
     _I8 = ir.IntType(8)
@@ -159,11 +177,11 @@ if UNAVAILABLE_REASON is None:
     else:
         _PSHUFB = _PSADBW = None
 
-    def _splat(builder, scalar):
-        """Broadcast one ``i64`` to all 8 lanes."""
-        undef = ir.Constant(_V64, ir.Undefined)
+    def _splat(builder, scalar, lanes: int = LANES):
+        """Broadcast one ``i64`` to all ``lanes`` lanes."""
+        undef = ir.Constant(ir.VectorType(_I64, lanes), ir.Undefined)
         first = builder.insert_element(undef, scalar, ir.Constant(_I32, 0))
-        return builder.shuffle_vector(first, undef, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+        return builder.shuffle_vector(first, undef, ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
 
     def _vec_ptr(builder, base, index, vec_type):
         return builder.bitcast(builder.gep(base, [index]), vec_type.as_pointer())
@@ -707,3 +725,190 @@ if UNAVAILABLE_REASON is None:
             buf_a = np.empty(size, np.uint64)
             buf_b = np.empty(size, np.uint64)
             _network_chunk(x, r0, min(n, r0 + CHUNK_ROWS), model, out, buf_a, buf_b)
+
+    # ------------------------------------------------------------------------ bit-sliced batch kernel
+
+    _BS_VEC = ir.VectorType(_I64, BS_LANES)
+
+    def _bs_columns(builder, counter) -> list:
+        """The counter's columns as ``BS_PLANES`` vectors by weight (``2^k``): columns left with two
+        vectors get a half adder; columns past ``BS_PLANES`` are dropped (zero for counts below 2^12)."""
+        k = 0
+        while k < len(counter.cols):
+            col = counter.cols[k]
+            if len(col) == 2:
+                a, b = col
+                col[:] = [builder.xor(a, b)]
+                counter.add(builder.and_(a, b), k + 1)
+            k += 1
+        zero = ir.Constant(_BS_VEC, None)
+        return [counter.cols[k][0] if k < len(counter.cols) and counter.cols[k] else zero for k in range(BS_PLANES)]
+
+    @intrinsic
+    def _bs_count(typingctx, x, idx, start, n, planes):
+        """Vertical count: ``planes[k]`` = bit ``k`` of, per row (bit of a lane), the number of the rows of
+        ``x`` listed in ``idx[start : start + n]`` (int16 row numbers of ``x``, 2 bytes each so the lists
+        stream from cache; ``n`` a multiple of ``BS_GROUP``) that have that row's bit set. Each round feeds
+        the running planes and ``BS_GROUP`` new vectors to one carry-save counter: about one full adder per
+        input, no popcount at all."""
+        sig = types.void(x, idx, start, n, planes)
+
+        def codegen(context, builder, signature, args):
+            x_ty, idx_ty, _, _, planes_ty = signature.args
+            x_data = context.make_array(x_ty)(context, builder, args[0]).data
+            idx_data = context.make_array(idx_ty)(context, builder, args[1]).data
+            out_data = context.make_array(planes_ty)(context, builder, args[4]).data
+            start, n = args[2], args[3]
+            end = builder.add(start, n)
+            zero = ir.Constant(_BS_VEC, None)
+
+            def round_(g, acc):
+                counter = _CarrySaveCounter(builder)
+                for k, plane in enumerate(acc):
+                    counter.add(plane, k)
+                for j in range(BS_GROUP):
+                    index = builder.load(builder.gep(idx_data, [builder.add(g, ir.Constant(g.type, j))]))
+                    offset = builder.mul(builder.sext(index, _I64), ir.Constant(_I64, BS_LANES))
+                    row = builder.bitcast(builder.gep(x_data, [offset]), _BS_VEC.as_pointer())
+                    counter.add(builder.load(row, align=8))
+                return builder.add(g, ir.Constant(g.type, BS_GROUP)), _bs_columns(builder, counter)
+
+            _, acc = _emit_loop(
+                builder, "bs.rounds", start, [zero] * BS_PLANES, lambda g: builder.icmp_signed("<", g, end), round_
+            )
+            for k, plane in enumerate(acc):
+                ptr = builder.gep(out_data, [ir.Constant(_I64, k * BS_LANES)])
+                builder.store(plane, builder.bitcast(ptr, _BS_VEC.as_pointer()), align=8)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    def _bs_add(builder, a, b, carry):
+        """One bit position of a bit-sliced addition: ``(sum, carry out)``."""
+        u = builder.xor(a, b)
+        return builder.xor(u, carry), builder.or_(builder.and_(a, b), builder.and_(u, carry))
+
+    @intrinsic
+    def _bs_sign(typingctx, s_planes, t_planes, use_ones, k_bound, out, u):
+        """``out[u]`` = per row ``Z <= K``: ``Z = 2 S - T`` (``use_ones`` 0) or ``T - 2 S`` (1), from the
+        unit's subset count ``S`` and the rows' total ``T`` (bit planes), computed as the sign of
+        ``Z - K - 1`` in ``BS_SIGN_BITS``-bit two's complement, plane by plane (bit-sliced adders)."""
+        sig = types.void(s_planes, t_planes, use_ones, k_bound, out, u)
+
+        def codegen(context, builder, signature, args):
+            s_ty, t_ty, _, _, out_ty, _ = signature.args
+            s_data = context.make_array(s_ty)(context, builder, args[0]).data
+            t_data = context.make_array(t_ty)(context, builder, args[1]).data
+            out_data = context.make_array(out_ty)(context, builder, args[4]).data
+            zero = ir.Constant(_BS_VEC, None)
+            ones = ir.Constant(_BS_VEC, [-1] * BS_LANES)
+
+            def plane(data, k):
+                if k < 0 or k >= BS_PLANES:
+                    return zero
+                ptr = builder.gep(data, [ir.Constant(_I64, k * BS_LANES)])
+                return builder.load(builder.bitcast(ptr, _BS_VEC.as_pointer()), align=8)
+
+            pick_t = _splat(builder, builder.sub(ir.Constant(_I64, 0), args[2]), BS_LANES)  # all ones: use_ones
+            carry, z = ones, []  # Z = A + ~B + 1
+            for k in range(BS_SIGN_BITS):
+                twice_s, t = plane(s_data, k - 1), plane(t_data, k)
+                a = builder.or_(builder.and_(t, pick_t), builder.and_(twice_s, builder.not_(pick_t)))
+                b = builder.or_(builder.and_(twice_s, pick_t), builder.and_(t, builder.not_(pick_t)))
+                bit, carry = _bs_add(builder, a, builder.not_(b), carry)
+                z.append(bit)
+            minus = builder.sub(ir.Constant(_I64, -1), args[3])  # -(K + 1)
+            carry, bit = zero, zero
+            for k in range(BS_SIGN_BITS):
+                c_bit = builder.and_(builder.lshr(minus, ir.Constant(_I64, k)), ir.Constant(_I64, 1))
+                cb = _splat(builder, builder.sub(ir.Constant(_I64, 0), c_bit), BS_LANES)
+                bit, carry = _bs_add(builder, z[k], cb, carry)
+            ptr = builder.gep(out_data, [builder.mul(args[5], ir.Constant(_I64, BS_LANES))])
+            builder.store(bit, builder.bitcast(ptr, _BS_VEC.as_pointer()), align=8)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @njit(cache=True, nogil=True)
+    def _transpose64(a):
+        """In place: ``a[c]`` bit ``b`` <- ``a[b]`` bit ``c`` (64 x 64 bits; swaps of ever smaller blocks,
+        Warren, "Hacker's Delight", 2nd ed., section 7-3)."""
+        j = 32
+        m = np.uint64(0x00000000FFFFFFFF)
+        while j != 0:
+            k = 0
+            while k < 64:
+                t = ((a[k] >> np.uint64(j)) ^ a[k + j]) & m
+                a[k + j] ^= t
+                a[k] ^= t << np.uint64(j)
+                k = (k + j + 1) & ~j
+            j >>= 1
+            m ^= m << np.uint64(j)
+
+    @njit(cache=True, nogil=True)
+    def _bs_transpose(x, r0, r1, dest):
+        """Bool rows ``x[r0:r1]`` -> ``dest[i, w]`` bit ``b`` = ``x[r0 + 64 w + b, i]`` (rows past ``r1``
+        and ``dest``'s last row stay 0): rows packed 64 bools at a time, then 64 x 64 bit transposes."""
+        n_in = x.shape[1]
+        n_words = (n_in + 63) // 64
+        packed = np.zeros((64, n_words), np.uint64)
+        block = np.empty(64, np.uint64)
+        for w in range((r1 - r0 + 63) // 64):
+            rows = min(64, r1 - r0 - 64 * w)
+            for b in range(rows):
+                _pack_row(x, r0 + 64 * w + b, packed, b)
+            for b in range(rows, 64):
+                for j in range(n_words):
+                    packed[b, j] = 0
+            for j in range(n_words):
+                for b in range(64):
+                    block[b] = packed[b, j]
+                _transpose64(block)
+                for c in range(min(64, n_in - 64 * j)):
+                    dest[64 * j + c, w] = block[c]
+
+    @njit(cache=True, nogil=True)
+    def _bs_plane_value(planes, r):
+        value = 0
+        for k in range(BS_PLANES):
+            value |= np.int64((planes[k, r >> 6] >> np.uint64(r & 63)) & np.uint64(1)) << k
+        return value
+
+    @njit(cache=True, nogil=True)
+    def _bs_block(x, r0, r1, layers, idx, units, out):
+        """Rows ``[r0, r1)`` (at most ``BS_ROWS``) through every layer, bit-sliced (:func:`bitsliced_network`)."""
+        cur = np.zeros((x.shape[1] + 1, BS_LANES), np.uint64)  # + the zero row the index lists pad with
+        _bs_transpose(x, r0, r1, cur)
+        s_planes = np.empty((BS_PLANES, BS_LANES), np.uint64)
+        t_planes = np.empty((BS_PLANES, BS_LANES), np.uint64)
+        n_layers = layers.shape[0]
+        for li in range(n_layers):
+            n_out, u0, all_start, all_len = layers[li, 1], layers[li, 2], layers[li, 3], layers[li, 4]
+            _bs_count(cur, idx, all_start, all_len, t_planes)
+            if li < n_layers - 1:
+                nxt = np.zeros((n_out + 1, BS_LANES), np.uint64)
+                for u in range(n_out):
+                    _bs_count(cur, idx, units[u0 + u, 0], units[u0 + u, 1], s_planes)
+                    _bs_sign(s_planes, t_planes, units[u0 + u, 2], units[u0 + u, 3], nxt, u)
+                cur = nxt
+            else:
+                for u in range(n_out):
+                    start, length, use_ones = units[u0 + u, 0], units[u0 + u, 1], units[u0 + u, 2]
+                    n1, offset = units[u0 + u, 4], units[u0 + u, 5]
+                    _bs_count(cur, idx, start, length, s_planes)
+                    for r in range(r1 - r0):
+                        s, t = _bs_plane_value(s_planes, r), _bs_plane_value(t_planes, r)
+                        d = n1 + t - 2 * s if use_ones else n1 - t + 2 * s
+                        out[r0 + r, u] = offset - 2 * d
+
+    @njit(cache=True, parallel=True)
+    def bitsliced_network(x, layers, idx, units, out):
+        """Bools ``x [n, n_in]`` -> int32 scores ``out [n, n_classes]``, blocks of ``BS_ROWS`` rows in
+        parallel. ``layers int64 [L, 5]``: n_in, n_out, first unit, start and length of the all-inputs list;
+        ``units int64 [U, 6]``: start and length of the unit's index list, use_ones, K, n1, tile offset;
+        ``idx``: the lists (word offsets into the block's bit-sliced input, zero-row padded)."""
+        n = x.shape[0]
+        n_blocks = (n + BS_ROWS - 1) // BS_ROWS
+        for b in prange(n_blocks):
+            r0 = b * BS_ROWS
+            _bs_block(x, r0, min(n, r0 + BS_ROWS), layers, idx, units, out)

@@ -25,7 +25,8 @@ Public API (this module dispatches; :mod:`bnn_core.kernel_codegen` holds the com
 - :func:`pack_input_bits`: booleans -> packed words, bit-identical to :func:`bnn_core.packed.pack_bits`.
 - Counting: vector popcount or carry-save (Harley-Seal), chosen for the CPU numba compiles for
   (:data:`bnn_core.kernel_codegen.CSA_DEFAULT`; ``csa=`` overrides it per layer / network, which the tests
-  use to run both on any machine). Both give the same integers.
+  use to run both on any machine). Both give the same integers. Carry-save networks without zero weights
+  run batches of ``BITSLICED_MIN_ROWS`` rows or more bit-sliced (:class:`BitSlicedLayout`).
 - Fallback: :func:`bnn_core.packed.preactivations_numpy` (the same integers), used when numba is missing,
   ``BNN_DISABLE_FAST_KERNEL=1``, or numba fails to compile a kernel (a ``NumbaError``: then a warning goes
   to stderr once and the whole process stays on numpy). Any other exception propagates.
@@ -72,6 +73,9 @@ if codegen.UNAVAILABLE_REASON is None:
 # Work, in word-ops (rows x units x input words), under which a parallel region is not worth it: 4M
 # word-ops take ~0.1 ms on one core, well above a region's cost on an idle machine (see docstring).
 PARALLEL_MIN_WORK = 1 << 22
+# Rows from which a network without zero weights runs bit-sliced (BitSlicedLayout): whole blocks for
+# every thread of 2 cores; below that the tile kernels' row chunks balance better.
+BITSLICED_MIN_ROWS = 4 * codegen.BS_ROWS
 _ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")
 
 FAST_KERNEL_AVAILABLE: bool = codegen.UNAVAILABLE_REASON is None
@@ -296,6 +300,62 @@ def pack_input_bits(bits: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
+class BitSlicedLayout:
+    """A network without zero weights laid out for :func:`bnn_core.kernel_codegen.bitsliced_network`.
+
+    Large batches only: rows go in blocks of ``BS_ROWS`` (256 or 512), one bit per row in each vector, so a
+    block's input ``i`` is one vector ``X_i``. For a unit with sign bits ``s`` (``n1`` of them set), the
+    disagreements of row ``r`` are ``d = n1 - T + 2 S0 = n1 + T - 2 S1``, where ``T`` counts the row's set
+    input bits and ``S0`` / ``S1`` count them over the inputs whose sign bit is 0 / 1. So each unit needs a
+    vertical count over the smaller of the two subsets only (at most half the inputs; ``T`` is shared by
+    all units): carry-save adders over the ``X_i``, no XOR and no popcount. The hidden output is
+    ``a = tile_offset - 2 d >= 0``, i.e. ``Z <= K`` with ``Z = 2 S0 - T`` (or ``T - 2 S1``) and ``K =
+    floor((tile_offset - 2 n1) / 2)``, compared bit-sliced; its bit planes are the next layer's ``X``.
+    """
+
+    layers: np.ndarray  # int64 [L, 5]: n_in, n_out, first unit, all-inputs list start, its length
+    idx: np.ndarray  # int16: input numbers, each unit's list padded with the zero row (number n_in)
+    units: np.ndarray  # int64 [U, 6]: list start, list length, use_ones, K, n1, tile offset
+
+    @classmethod
+    def from_packed(cls, net: PackedNetwork) -> BitSlicedLayout | None:
+        """The layout, or None when a layer has zero weights or more inputs than the counts can hold."""
+        group = codegen.BS_GROUP
+        lists: list[np.ndarray] = []
+        pos = 0
+        layers, units = [], []
+
+        def add_list(inputs: np.ndarray, n_in: int) -> tuple[int, int]:
+            nonlocal pos
+            padded = np.full(-(-max(len(inputs), 1) // group) * group, n_in, dtype=np.int16)
+            padded[: len(inputs)] = inputs
+            lists.append(padded)
+            pos += len(padded)
+            return pos - len(padded), len(padded)
+
+        for lay in net.layers:
+            n_in = lay.n_in
+            if n_in > codegen.BS_MAX_INPUTS or not (lay.mask == leading_ones(n_in, lay.mask.shape[1])).all():
+                return None
+            bits = np.unpackbits(lay.signs.view(np.uint8), axis=1, bitorder="little")[:, :n_in].astype(bool)
+            all_start, all_len = add_list(np.arange(n_in, dtype=np.int64), n_in)
+            layers.append((n_in, lay.n_out, len(units), all_start, all_len))
+            tile_offset = lay.offset.astype(np.int64) + 2 * n_in
+            for o in range(lay.n_out):
+                n1 = int(bits[o].sum())
+                use_ones = n1 <= n_in - n1
+                start, length = add_list(np.flatnonzero(bits[o] == use_ones).astype(np.int64), n_in)
+                # Z is within [-n_in, n_in]; a K beyond that decides the same, and keeps Z - K - 1 in range.
+                k_bound = int(np.clip((int(tile_offset[o]) - 2 * n1) // 2, -n_in - 2, n_in + 1))
+                units.append((start, length, int(use_ones), k_bound, n1, int(tile_offset[o])))
+        return cls(np.array(layers, np.int64), np.concatenate(lists), np.array(units, np.int64))
+
+    def forward_counts(self, x: np.ndarray, out: np.ndarray) -> bool:
+        """Scores of C-contiguous bool rows into ``out``; False if the kernel could not run."""
+        return _run_fast(codegen.bitsliced_network, x, self.layers, self.idx, self.units, out)
+
+
+@dataclass(frozen=True, eq=False)
 class KernelNetwork:
     """A :class:`PackedNetwork` in the kernel's layout, run end to end in one compiled call."""
 
@@ -305,6 +365,8 @@ class KernelNetwork:
     model: np.ndarray  # the model image: uint64, all layers (bnn_core.tile_layout.network_image)
     csa: bool  # carry-save counting (else vector popcount)
     word_ops_per_row: int  # 64-bit XNOR-popcount word operations per input row, over the real units
+    # Large batches on carry-save CPUs, networks without zero weights (None otherwise): BitSlicedLayout.
+    bitsliced: BitSlicedLayout | None = None
 
     @classmethod
     def from_packed(cls, net: PackedNetwork, csa: bool | None = None) -> KernelNetwork:
@@ -325,7 +387,8 @@ class KernelNetwork:
         n_classes = layers[-1].n_out
         model = network_image(layers, net.n_in, n_classes)
         ops = sum(lay.n_out * lay.n_in_words for lay in layers)
-        return cls(layers, net.n_in, n_classes, model, csa, ops)
+        bitsliced = BitSlicedLayout.from_packed(net) if csa and FAST_KERNEL_AVAILABLE else None
+        return cls(layers, net.n_in, n_classes, model, csa, ops, bitsliced)
 
     @property
     def meta(self) -> np.ndarray:
@@ -357,6 +420,9 @@ class KernelNetwork:
                     return out
                 except NumbaError as exc:
                     _fall_back(exc)
+            elif self.bitsliced is not None and n >= BITSLICED_MIN_ROWS:
+                if self.bitsliced.forward_counts(x, out):
+                    return out
             elif _run_fast(codegen.network_parallel, x, self.model, out):
                 return out
         words = pack_bits(x)
@@ -381,7 +447,10 @@ def kernel_name() -> str:
     isa = "avx512-vpopcntdq" if "avx512vpopcntdq" in features else "no-vpopcntdq"
     vector = "avx512bw" if "avx512bw" in features else ("avx2" if "avx2" in features else "no-avx2")
     if CSA_DEFAULT:
-        counting = f"carry-save counting, {vector}, 1x{TILE_OUT} tiles"
+        counting = (
+            f"carry-save counting, {vector}, 1x{TILE_OUT} tiles, "
+            f"bit-sliced rows from batch {BITSLICED_MIN_ROWS} without zero weights"
+        )
     else:
         counting = f"vector popcount, {ROW_BLOCK}x{TILE_OUT} register tiles"
     return f"numba-xnor-popcount ({isa}, {name}, {counting}, {get_num_threads()} threads)"

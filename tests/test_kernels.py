@@ -1,6 +1,7 @@
 """The fast kernel (bnn_core.kernels) must give exactly the integers of the numpy packed engine, for the
 paper's +-1 biases and for any integer constants (folded batch-norm thresholds)."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -275,6 +276,54 @@ def test_kernel_network_parallel_over_many_row_chunks(csa):
     with force_parallel():
         got = K.KernelNetwork.from_packed(packed, csa=csa).forward_counts(x)
     np.testing.assert_array_equal(got, packed.forward_counts(x))
+
+
+@needs_numba
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 700),
+    n_in=st.integers(1, 300),
+    hidden=st.lists(st.integers(1, 150), min_size=0, max_size=3),
+    n_classes=st.integers(1, 12),
+    kind=st.sampled_from(["binary", "integer", "extremes"]),
+    skew=st.sampled_from([0.5, 0.1, 0.9]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_bit_sliced_batch_kernel_equals_integer_reference(n, n_in, hidden, n_classes, kind, skew, seed):
+    """Networks without zero weights, any widths, partial blocks of rows, constants up to the bound, and
+    units whose smaller subset is the +1 weights or the -1 weights (``skew``: the fraction of +1)."""
+    rng = np.random.default_rng(seed)
+    sizes = [n_in, *hidden, n_classes]
+    layers = []
+    for a, b in itertools.pairwise(sizes):
+        _, c = random_layer(rng, a, b, 0.0, kind)
+        layers.append((np.where(rng.random((b, a)) < skew, 1, -1), c))
+    x = rng.random((n, n_in)) > 0.5
+    net = K.KernelNetwork.from_packed(PackedNetwork.from_ternary(layers), csa=True)
+    assert net.bitsliced is not None
+    out = np.empty((n, n_classes), np.int32)
+    assert net.bitsliced.forward_counts(np.ascontiguousarray(x), out)
+    np.testing.assert_array_equal(out, integer_forward(np.where(x, 1, -1), layers))
+
+
+@needs_numba
+def test_large_batches_of_dense_networks_run_bit_sliced(monkeypatch):
+    rng = np.random.default_rng(3)
+    dense = [random_layer(rng, 100, 130, 0.0), random_layer(rng, 130, 10, 0.0, "integer")]
+    packed = PackedNetwork.from_ternary(dense)
+    calls = []
+    real = kernel_codegen.bitsliced_network
+    monkeypatch.setattr(kernel_codegen, "bitsliced_network", lambda *a: calls.append(len(a[0])) or real(*a))
+    net = K.KernelNetwork.from_packed(packed, csa=True)
+    x = rng.random((K.BITSLICED_MIN_ROWS + 3, 100)) > 0.5
+    with force_parallel():
+        np.testing.assert_array_equal(net.forward_counts(x), packed.forward_counts(x))
+        np.testing.assert_array_equal(net.forward_counts(x[:200]), packed.forward_counts(x[:200]))
+    assert calls == [len(x)]  # the small batch took the tile kernels
+    # Zero weights, or the vector-popcount kernels: no bit-sliced layout.
+    sparse = PackedNetwork.from_ternary([random_layer(rng, 100, 130, 0.3), dense[1]])
+    assert K.KernelNetwork.from_packed(sparse, csa=True).bitsliced is None
+    assert K.KernelNetwork.from_packed(packed, csa=False).bitsliced is None
 
 
 def test_fallback_path_gives_identical_results():
@@ -554,5 +603,10 @@ def test_avx2_build_gives_the_same_scores():
         "    got = K.KernelNetwork.from_packed(packed, csa=csa).forward_counts(x)\n"
         "    assert (got == packed.forward_counts(x)).all(), csa\n"
         "    assert (K.KernelNetwork.from_packed(packed, csa=csa).forward_counts(x[:1]) == got[:1]).all()\n"
+        "dense = PackedNetwork.from_ternary([(np.where(w == 0, 1, w), c) for w, c in layers])\n"
+        "x = rng.random((700, 200)) > 0.5\n"
+        "net = K.KernelNetwork.from_packed(dense, csa=True)\n"
+        "out = np.empty((700, 10), np.int32)\n"
+        "assert net.bitsliced.forward_counts(x, out) and (out == dense.forward_counts(x)).all()\n"
     )
     run_as_haswell(code, timeout=600)
