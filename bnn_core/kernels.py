@@ -413,16 +413,16 @@ class KernelNetwork:
         if FAST_KERNEL_AVAILABLE and _fast_failure is None:
             n = x.shape[0]
             out = np.empty((n, self.n_classes), dtype=np.int32)
-            if n <= CHUNK_ROWS or not _parallel_ok(n * self.word_ops_per_row):
+            if self.bitsliced is not None and n >= BITSLICED_MIN_ROWS:  # on any number of threads
+                if self.bitsliced.forward_counts(x, out):
+                    return out
+            elif n <= CHUNK_ROWS or not _parallel_ok(n * self.word_ops_per_row):
                 # _run_fast inlined: at batch 1 every Python call counts.
                 try:
                     codegen.network_serial(x, self.model, out)
                     return out
                 except NumbaError as exc:
                     _fall_back(exc)
-            elif self.bitsliced is not None and n >= BITSLICED_MIN_ROWS:
-                if self.bitsliced.forward_counts(x, out):
-                    return out
             elif _run_fast(codegen.network_parallel, x, self.model, out):
                 return out
         words = pack_bits(x)
