@@ -358,9 +358,9 @@ if UNAVAILABLE_REASON is None:
                 col[:] = [total]
                 self.add(carry, k + 1)
 
-        def columns(self) -> list:
-            """One vector per weight: ``sum(popcount(added)) = sum_k 2^k * popcount(columns[k])``. A column
-            left with 2 vectors gets a half adder (2 ops, cheaper than a 6th popcount)."""
+        def _settle(self) -> None:
+            """Leave at most one vector per column: a column left with 2 gets a half adder (2 ops, cheaper
+            than another popcount or plane)."""
             k = 0
             while k < len(self.cols):
                 col = self.cols[k]
@@ -369,7 +369,17 @@ if UNAVAILABLE_REASON is None:
                     col[:] = [self.builder.xor(a, b)]
                     self.add(self.builder.and_(a, b), k + 1)
                 k += 1
+
+        def columns(self) -> list:
+            """One vector per weight: ``sum(popcount(added)) = sum_k 2^k * popcount(columns[k])``."""
+            self._settle()
             return [col[0] for col in self.cols if col]
+
+        def planes(self, n: int, zero) -> list:
+            """The count's bits ``0 .. n - 1`` by weight (``zero`` for an empty column); higher columns are
+            dropped (the caller knows the count stays under ``2^n``)."""
+            self._settle()
+            return [self.cols[k][0] if k < len(self.cols) and self.cols[k] else zero for k in range(n)]
 
     def _pieces(builder, vector, width: int) -> list:
         """Split ``<64 x i8>`` into ``<width x i8>`` parts (one per intrinsic call at that width)."""
@@ -730,20 +740,6 @@ if UNAVAILABLE_REASON is None:
 
     _BS_VEC = ir.VectorType(_I64, BS_LANES)
 
-    def _bs_columns(builder, counter) -> list:
-        """The counter's columns as ``BS_PLANES`` vectors by weight (``2^k``): columns left with two
-        vectors get a half adder; columns past ``BS_PLANES`` are dropped (zero for counts below 2^12)."""
-        k = 0
-        while k < len(counter.cols):
-            col = counter.cols[k]
-            if len(col) == 2:
-                a, b = col
-                col[:] = [builder.xor(a, b)]
-                counter.add(builder.and_(a, b), k + 1)
-            k += 1
-        zero = ir.Constant(_BS_VEC, None)
-        return [counter.cols[k][0] if k < len(counter.cols) and counter.cols[k] else zero for k in range(BS_PLANES)]
-
     @intrinsic
     def _bs_count(typingctx, x, idx, start, n, planes):
         """Vertical count: ``planes[k]`` = bit ``k`` of, per row (bit of a lane), the number of the rows of
@@ -771,7 +767,7 @@ if UNAVAILABLE_REASON is None:
                     offset = builder.mul(builder.sext(index, _I64), ir.Constant(_I64, BS_LANES))
                     row = builder.bitcast(builder.gep(x_data, [offset]), _BS_VEC.as_pointer())
                     counter.add(builder.load(row, align=8))
-                return builder.add(g, ir.Constant(g.type, BS_GROUP)), _bs_columns(builder, counter)
+                return builder.add(g, ir.Constant(g.type, BS_GROUP)), counter.planes(BS_PLANES, zero)
 
             _, acc = _emit_loop(
                 builder, "bs.rounds", start, [zero] * BS_PLANES, lambda g: builder.icmp_signed("<", g, end), round_
