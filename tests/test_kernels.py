@@ -287,9 +287,10 @@ def test_kernel_network_parallel_over_many_row_chunks(csa):
     n_classes=st.integers(1, 12),
     kind=st.sampled_from(["binary", "integer", "extremes"]),
     skew=st.sampled_from([0.5, 0.1, 0.9]),
+    csa=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_bit_sliced_batch_kernel_equals_integer_reference(n, n_in, hidden, n_classes, kind, skew, seed):
+def test_bit_sliced_batch_kernel_equals_integer_reference(n, n_in, hidden, n_classes, kind, skew, csa, seed):
     """Networks without zero weights, any widths, partial blocks of rows, constants up to the bound, and
     units whose smaller subset is the +1 weights or the -1 weights (``skew``: the fraction of +1)."""
     rng = np.random.default_rng(seed)
@@ -299,31 +300,40 @@ def test_bit_sliced_batch_kernel_equals_integer_reference(n, n_in, hidden, n_cla
         _, c = random_layer(rng, a, b, 0.0, kind)
         layers.append((np.where(rng.random((b, a)) < skew, 1, -1), c))
     x = rng.random((n, n_in)) > 0.5
-    net = K.KernelNetwork.from_packed(PackedNetwork.from_ternary(layers), csa=True)
-    assert net.bitsliced is not None
+    net = K.KernelNetwork.from_packed(PackedNetwork.from_ternary(layers), csa=csa)
+    assert net.bitsliced is not None  # the same layout whichever way the tile kernels count
     out = np.empty((n, n_classes), np.int32)
     assert net.bitsliced.forward_counts(np.ascontiguousarray(x), out)
     np.testing.assert_array_equal(out, integer_forward(np.where(x, 1, -1), layers))
 
 
 @needs_numba
-def test_large_batches_of_dense_networks_run_bit_sliced(monkeypatch):
+@pytest.mark.parametrize("csa", [False, True])
+def test_large_batches_of_dense_networks_run_bit_sliced(monkeypatch, csa):
     rng = np.random.default_rng(3)
     dense = [random_layer(rng, 100, 130, 0.0), random_layer(rng, 130, 10, 0.0, "integer")]
     packed = PackedNetwork.from_ternary(dense)
     calls = []
     real = kernel_codegen.bitsliced_network
     monkeypatch.setattr(kernel_codegen, "bitsliced_network", lambda *a: calls.append(len(a[0])) or real(*a))
-    net = K.KernelNetwork.from_packed(packed, csa=True)
+    net = K.KernelNetwork.from_packed(packed, csa=csa)
     x = rng.random((K.BITSLICED_MIN_ROWS + 3, 100)) > 0.5
+    np.testing.assert_array_equal(net.forward_counts(x[:1]), packed.forward_counts(x[:1]))
+    assert "bitsliced" not in vars(net)  # batch 1 never builds the layout
     with force_parallel():
         np.testing.assert_array_equal(net.forward_counts(x), packed.forward_counts(x))
         np.testing.assert_array_equal(net.forward_counts(x[:200]), packed.forward_counts(x[:200]))
-    assert calls == [len(x)]  # the small batch took the tile kernels
-    # Zero weights, or the vector-popcount kernels: no bit-sliced layout.
+    assert calls == [len(x)]  # the small batches took the tile kernels
+    # Zero weights: no bit-sliced layout, and large batches take the tile kernels.
     sparse = PackedNetwork.from_ternary([random_layer(rng, 100, 130, 0.3), dense[1]])
-    assert K.KernelNetwork.from_packed(sparse, csa=True).bitsliced is None
-    assert K.KernelNetwork.from_packed(packed, csa=False).bitsliced is None
+    sparse_net = K.KernelNetwork.from_packed(sparse, csa=csa)
+    assert sparse_net.bitsliced is None
+    np.testing.assert_array_equal(sparse_net.forward_counts(x), sparse.forward_counts(x))
+    assert calls == [len(x)]
+    # Zero weights in the last inputs only: the layer keeps its mask, so no layout either.
+    w, c = random_layer(rng, 100, 130, 0.0)
+    w[:, -3:] = 0
+    assert K.KernelNetwork.from_packed(PackedNetwork.from_ternary([(w, c), dense[1]]), csa=csa).bitsliced is None
 
 
 def test_fallback_path_gives_identical_results():
