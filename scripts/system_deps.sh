@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages that the C export's tests (tests/test_export_c.py) build and run with: a Cortex-M7
 # cross-compiler, a 32-bit ARM Linux cross-compiler with its static libc, and qemu-arm; and chromium, the
-# headless browser that tests/test_plots_offline.py opens the `dvc plots show` page in; and PostgreSQL, the
-# backend store of the team tracking server that tests/test_team_server.py starts. Installs only what
+# headless browser that tests/test_plots_offline.py opens the `dvc plots show` page in; PostgreSQL, the
+# backend store of the team tracking server that tests/test_team_server.py starts; and Fashion-MNIST, the
+# dataset package tests/test_fashion_mnist.py loads in full (31 MB). Installs only what
 # is missing, and only as root with apt-get; otherwise it says why it skipped (those tests then skip,
 # naming the tool). `make test` (and so .ci/run) calls it.
 set -euo pipefail
@@ -29,9 +30,11 @@ command -v chromium > /dev/null || missing+=(chromium)
 # Debian keeps initdb and pg_ctl out of PATH, under /usr/lib/postgresql/<major>/bin; the test starts its own
 # server from there (as an unprivileged user), so the package's own cluster and service are not used.
 command -v initdb > /dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null || missing+=(postgresql)
+# The folder pipeline.sources.FASHION_MNIST_DEBIAN_DIR reads (data=fashion_mnist without data.path).
+[ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || missing+=(dataset-fashion-mnist)
 
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "system_deps: make, cc, arm-none-eabi-gcc, arm-linux-gnueabihf-gcc (+libc), qemu-arm, chromium, postgresql: all present"
+    echo "system_deps: make, cc, arm-none-eabi-gcc, arm-linux-gnueabihf-gcc (+libc), qemu-arm, chromium, postgresql, fashion-mnist: all present"
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
