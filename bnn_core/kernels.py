@@ -318,9 +318,10 @@ class BitSlicedLayout:
     floor((tile_offset - 2 n1) / 2)``, compared bit-sliced; its bit planes are the next layer's ``X``.
     """
 
-    layers: np.ndarray  # int64 [L, 5]: n_in, n_out, first unit, all-inputs list start, its length
-    idx: np.ndarray  # int16: input numbers, each unit's list padded with the zero row (number n_in)
-    units: np.ndarray  # int64 [U, 6]: list start, list length, use_ones, K, n1, tile offset
+    layers: np.ndarray  # int64 [L, 6]: n_in, n_out, first unit, all-inputs list start, its length, pieces per unit
+    idx: np.ndarray  # int16: input numbers, each list padded with the zero row (number n_in)
+    units: np.ndarray  # int64 [U, 5]: first row in pieces, use_ones, K, n1, tile offset
+    pieces: np.ndarray  # int64 [P, 2]: start and length in idx of a unit's inputs in one BS_CHUNK range
 
     @classmethod
     def from_layers(cls, layers: Sequence[KernelLayer]) -> BitSlicedLayout | None:
@@ -329,17 +330,19 @@ class BitSlicedLayout:
 
         An unmasked layer there counts all its inputs (``input_bits == n_in``: :meth:`KernelNetwork.from_packed`
         keeps the mask of a layer whose last inputs have only zero weights), and ``offset`` is ``bias - n_in``.
+        A unit's list is cut into pieces at multiples of ``BS_CHUNK`` inputs: the kernel counts piece ``c``
+        of every unit before piece ``c + 1``, so the input vectors one pass reads stay in L1.
         """
         if any(lay.masked or lay.input_bits > codegen.BS_MAX_INPUTS for lay in layers):
             return None
-        group = codegen.BS_GROUP
+        group, chunk = codegen.BS_GROUP, codegen.BS_CHUNK
         lists: list[np.ndarray] = []
         pos = 0
-        table, units = [], []
+        table, units, pieces = [], [], []
 
         def add_list(inputs: np.ndarray, n_in: int) -> tuple[int, int]:
             nonlocal pos
-            padded = np.full(-(-max(len(inputs), 1) // group) * group, n_in, dtype=np.int16)
+            padded = np.full(-(-len(inputs) // group) * group, n_in, dtype=np.int16)
             padded[: len(inputs)] = inputs
             lists.append(padded)
             pos += len(padded)
@@ -347,22 +350,31 @@ class BitSlicedLayout:
 
         for lay in layers:
             n_in = lay.input_bits
+            bounds = np.arange(0, n_in + chunk, chunk)[1:]  # piece c: inputs below bounds[c]
             bits = np.unpackbits(lay.signs.view(np.uint8), axis=1, bitorder="little")[:, :n_in].astype(bool)
             all_start, all_len = add_list(np.arange(n_in, dtype=np.int64), n_in)
-            table.append((n_in, lay.n_out, len(units), all_start, all_len))
+            table.append((n_in, lay.n_out, len(units), all_start, all_len, len(bounds)))
             tile_offset = lay.offset.astype(np.int64) + 2 * n_in
             for o in range(lay.n_out):
                 n1 = int(bits[o].sum())
                 use_ones = n1 <= n_in - n1
-                start, length = add_list(np.flatnonzero(bits[o] == use_ones).astype(np.int64), n_in)
+                inputs = np.flatnonzero(bits[o] == use_ones)
+                first_piece = len(pieces)
+                for part in np.split(inputs, np.searchsorted(inputs, bounds[:-1])):
+                    pieces.append(add_list(part, n_in))
                 # Z is within [-n_in, n_in]; a K beyond that decides the same, and keeps Z - K - 1 in range.
                 k_bound = int(np.clip((int(tile_offset[o]) - 2 * n1) // 2, -n_in - 2, n_in + 1))
-                units.append((start, length, int(use_ones), k_bound, n1, int(tile_offset[o])))
-        return cls(np.array(table, np.int64), np.concatenate(lists), np.array(units, np.int64))
+                units.append((first_piece, int(use_ones), k_bound, n1, int(tile_offset[o])))
+        return cls(
+            np.array(table, np.int64),
+            np.concatenate(lists),
+            np.array(units, np.int64),
+            np.array(pieces, np.int64).reshape(-1, 2),
+        )
 
     def forward_counts(self, x: np.ndarray, out: np.ndarray) -> bool:
         """Scores of C-contiguous bool rows into ``out``; False if the kernel could not run."""
-        return _run_fast(codegen.bitsliced_network, x, self.layers, self.idx, self.units, out)
+        return _run_fast(codegen.bitsliced_network, x, self.layers, self.idx, self.units, self.pieces, out)
 
 
 @dataclass(frozen=True, eq=False)

@@ -23,7 +23,7 @@ DEBIAN_FILES = [
 
 @pytest.mark.skipif(
     not all((Path(FASHION_MNIST_DEBIAN_DIR) / name).is_file() for name in DEBIAN_FILES),
-    reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DEBIAN_DIR} (Debian dataset-fashion-mnist; scripts/system_deps.sh)",
+    reason=f"Fashion-MNIST not in {FASHION_MNIST_DEBIAN_DIR} (Debian dataset-fashion-mnist; scripts/system_deps.sh)",
 )
 def test_debian_fashion_mnist_is_the_full_dataset():
     source = load_source(DataConfig(source="fashion_mnist"))

@@ -288,11 +288,13 @@ def test_kernel_network_parallel_over_many_row_chunks(csa):
     kind=st.sampled_from(["binary", "integer", "extremes"]),
     skew=st.sampled_from([0.5, 0.1, 0.9]),
     csa=st.booleans(),
+    chunk=st.sampled_from([kernel_codegen.BS_CHUNK, 64, 37]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_bit_sliced_batch_kernel_equals_integer_reference(n, n_in, hidden, n_classes, kind, skew, csa, seed):
-    """Networks without zero weights, any widths, partial blocks of rows, constants up to the bound, and
-    units whose smaller subset is the +1 weights or the -1 weights (``skew``: the fraction of +1)."""
+def test_bit_sliced_batch_kernel_equals_integer_reference(n, n_in, hidden, n_classes, kind, skew, csa, chunk, seed):
+    """Networks without zero weights, any widths, partial blocks of rows, constants up to the bound, units
+    whose smaller subset is the +1 weights or the -1 weights (``skew``: the fraction of +1), and lists cut
+    into pieces of ``chunk`` inputs (the layout reads ``BS_CHUNK``; the kernel follows the layout)."""
     rng = np.random.default_rng(seed)
     sizes = [n_in, *hidden, n_classes]
     layers = []
@@ -301,7 +303,9 @@ def test_bit_sliced_batch_kernel_equals_integer_reference(n, n_in, hidden, n_cla
         layers.append((np.where(rng.random((b, a)) < skew, 1, -1), c))
     x = rng.random((n, n_in)) > 0.5
     net = K.KernelNetwork.from_packed(PackedNetwork.from_ternary(layers), csa=csa)
-    assert net.bitsliced is not None  # the same layout whichever way the tile kernels count
+    with mock.patch.object(kernel_codegen, "BS_CHUNK", chunk):
+        assert net.bitsliced is not None  # the same layout whichever way the tile kernels count
+    assert net.bitsliced.layers[0, 5] == -(-n_in // chunk)  # pieces per unit
     out = np.empty((n, n_classes), np.int32)
     assert net.bitsliced.forward_counts(np.ascontiguousarray(x), out)
     np.testing.assert_array_equal(out, integer_forward(np.where(x, 1, -1), layers))
