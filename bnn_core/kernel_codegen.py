@@ -50,12 +50,12 @@ and unit ``o``'s disagreements are ``d = n1 - T + 2 S0`` (``T`` the row's set in
 among the inputs where ``o``'s sign bit is 0; or ``n1 + T - 2 S1``, whichever subset is smaller). A
 vertical count of at most half the input vectors through carry-save adders (Harley-Seal again, about one
 full adder per vector, no XOR and no popcount), a bit-sliced compare ``Z <= K`` for the sign, and the
-output bit planes are the next layer's input. The count runs in passes of ``BS_CHUNK`` inputs over all of a
-layer's units, each unit's partial planes kept between passes, so a pass reads 32 KB of input vectors, not
-the 64 KB of a 1,024-input block (Zen 4, count alone: 3.5 cycles per input from L2 against 2.0 from L1).
-Measured at batch 10,000 against the tile kernels: on
-Cascade Lake 1.5-2.2x (AVX-512, carry-save tiles) and 2.0-2.1x (AVX2 build); on Zen 4 1.15-1.35x over the
-VPOPCNTDQ tiles (batches of 1,024 to 60,000 rows, 1 thread and 2), so it runs on every CPU.
+output bit planes are the next layer's input. Measured at batch 10,000 against the tile kernels: on Cascade
+Lake 1.5-2.2x (AVX-512, carry-save tiles) and 2.0-2.1x (AVX2 build); on Zen 4 1.15-1.35x over the VPOPCNTDQ
+tiles (batches of 1,024 to 60,000 rows, 1 thread and 2), so it runs on every CPU. The count then went to
+passes of ``BS_CHUNK`` inputs over all of a layer's units, each unit's partial planes kept between passes,
+so a pass reads 32 KB of input vectors, not the 64 KB of a 1,024-input block (Zen 4, the count alone: 3.5
+cycles per input from L2 against 2.0 from L1): another 1.13-1.37x on Zen 4.
 
 Both share the tile layout and cache blocking:
 
@@ -894,7 +894,7 @@ if UNAVAILABLE_REASON is None:
             n_out, u0, all_start, all_len = layers[li, 1], layers[li, 2], layers[li, 3], layers[li, 4]
             n_pieces = layers[li, 5]
             _bs_count(cur, idx, all_start, all_len, t_planes, 0)
-            # Piece by piece over all units, so each pass reads only BS_CHUNK input vectors (L1-resident).
+            # Piece by piece over all units, so a pass reads at most BS_CHUNK input vectors.
             for c in range(n_pieces):
                 for u in range(n_out):
                     p = units[u0 + u, 0] + c

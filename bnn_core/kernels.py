@@ -27,8 +27,8 @@ Public API (this module dispatches; :mod:`bnn_core.kernel_codegen` holds the com
   (:data:`bnn_core.kernel_codegen.CSA_DEFAULT`; ``csa=`` overrides it per layer / network, which the tests
   use to run both on any machine). Both give the same integers. Networks without zero weights run
   batches of ``BITSLICED_MIN_ROWS`` rows or more bit-sliced (:class:`BitSlicedLayout`), whichever way the
-  tile kernels count: at batch 10,000 it is 1.5-2.2x faster than carry-save tiles (Cascade Lake) and
-  1.15-1.35x faster than VPOPCNTDQ tiles (Zen 4), on 1 thread and 2.
+  tile kernels count: it was faster than both kinds of tiles wherever measured (figures in
+  :mod:`bnn_core.kernel_codegen`).
 - Fallback: :func:`bnn_core.packed.preactivations_numpy` (the same integers), used when numba is missing,
   ``BNN_DISABLE_FAST_KERNEL=1``, or numba fails to compile a kernel (a ``NumbaError``: then a warning goes
   to stderr once and the whole process stays on numpy). Any other exception propagates.
