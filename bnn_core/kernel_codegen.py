@@ -749,6 +749,12 @@ if UNAVAILABLE_REASON is None:
 
     _BS_VEC = ir.VectorType(_I64, BS_LANES)
 
+    def _bs_vector(builder, data, k):
+        """Pointer to vector ``k`` (an ``i64``; ``BS_LANES`` words, 8-byte aligned) of a uint64 array's data:
+        plane ``k`` of a count, or row ``k`` of a block's bit-sliced input or output."""
+        ptr = builder.gep(data, [builder.mul(k, ir.Constant(_I64, BS_LANES))])
+        return builder.bitcast(ptr, _BS_VEC.as_pointer())
+
     @intrinsic
     def _bs_count(typingctx, x, idx, start, n, planes, accumulate):
         """Vertical count: ``planes[k]`` = bit ``k`` of, per row (bit of a lane), the number of the rows of
@@ -767,10 +773,10 @@ if UNAVAILABLE_REASON is None:
             end = builder.add(start, n)
             zero = ir.Constant(_BS_VEC, None)
             keep = builder.icmp_signed("!=", args[5], ir.Constant(args[5].type, 0))
-            first = []
-            for k in range(BS_PLANES):
-                ptr = builder.bitcast(builder.gep(out_data, [ir.Constant(_I64, k * BS_LANES)]), _BS_VEC.as_pointer())
-                first.append(builder.select(keep, builder.load(ptr, align=8), zero))
+            first = [
+                builder.select(keep, builder.load(_bs_vector(builder, out_data, ir.Constant(_I64, k)), align=8), zero)
+                for k in range(BS_PLANES)
+            ]
 
             def round_(g, acc):
                 counter = _CarrySaveCounter(builder)
@@ -778,15 +784,12 @@ if UNAVAILABLE_REASON is None:
                     counter.add(plane, k)
                 for j in range(BS_GROUP):
                     index = builder.load(builder.gep(idx_data, [builder.add(g, ir.Constant(g.type, j))]))
-                    offset = builder.mul(builder.sext(index, _I64), ir.Constant(_I64, BS_LANES))
-                    row = builder.bitcast(builder.gep(x_data, [offset]), _BS_VEC.as_pointer())
-                    counter.add(builder.load(row, align=8))
+                    counter.add(builder.load(_bs_vector(builder, x_data, builder.sext(index, _I64)), align=8))
                 return builder.add(g, ir.Constant(g.type, BS_GROUP)), counter.planes(BS_PLANES, zero)
 
             _, acc = _emit_loop(builder, "bs.rounds", start, first, lambda g: builder.icmp_signed("<", g, end), round_)
             for k, plane in enumerate(acc):
-                ptr = builder.gep(out_data, [ir.Constant(_I64, k * BS_LANES)])
-                builder.store(plane, builder.bitcast(ptr, _BS_VEC.as_pointer()), align=8)
+                builder.store(plane, _bs_vector(builder, out_data, ir.Constant(_I64, k)), align=8)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -814,8 +817,7 @@ if UNAVAILABLE_REASON is None:
             def plane(data, k):
                 if k < 0 or k >= BS_PLANES:
                     return zero
-                ptr = builder.gep(data, [ir.Constant(_I64, k * BS_LANES)])
-                return builder.load(builder.bitcast(ptr, _BS_VEC.as_pointer()), align=8)
+                return builder.load(_bs_vector(builder, data, ir.Constant(_I64, k)), align=8)
 
             pick_t = _splat(builder, builder.sub(ir.Constant(_I64, 0), args[2]), BS_LANES)  # all ones: use_ones
             carry, z = ones, []  # Z = A + ~B + 1
@@ -831,8 +833,7 @@ if UNAVAILABLE_REASON is None:
                 c_bit = builder.and_(builder.lshr(minus, ir.Constant(_I64, k)), ir.Constant(_I64, 1))
                 cb = _splat(builder, builder.sub(ir.Constant(_I64, 0), c_bit), BS_LANES)
                 bit, carry = _bs_add(builder, z[k], cb, carry)
-            ptr = builder.gep(out_data, [builder.mul(args[5], ir.Constant(_I64, BS_LANES))])
-            builder.store(bit, builder.bitcast(ptr, _BS_VEC.as_pointer()), align=8)
+            builder.store(bit, _bs_vector(builder, out_data, args[5]), align=8)
             return context.get_dummy_value()
 
         return sig, codegen
