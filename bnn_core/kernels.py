@@ -81,6 +81,7 @@ PARALLEL_MIN_WORK = 1 << 22
 # every thread of 2 cores; below that the tile kernels' row chunks balance better. (On Zen 4 bit-sliced
 # already wins at 1,024 rows, 1.1-1.3x; the bound stays where both kinds of CPU measured a win.)
 BITSLICED_MIN_ROWS = 4 * codegen.BS_ROWS
+_BOOL, _INT32 = np.dtype(np.bool_), np.dtype(np.int32)  # dtypes are singletons: `is` is the fast test
 _ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")
 
 FAST_KERNEL_AVAILABLE: bool = codegen.UNAVAILABLE_REASON is None
@@ -432,22 +433,27 @@ class KernelNetwork:
         (packed sign bits straight from the accumulators) and the output layer run in one compiled call.
         C-contiguous bool input skips every conversion (the batch-1 path: module docstring).
         """
-        x = _bool_rows(x_bits)
+        if type(x_bits) is np.ndarray and x_bits.dtype is _BOOL and x_bits.flags.c_contiguous:
+            x = x_bits  # _bool_rows inlined: at batch 1 every Python call counts
+        else:
+            x = _bool_rows(x_bits)
         if x.ndim != 2 or x.shape[1] != self.n_in:
             raise ValueError(f"expected input bits [n, {self.n_in}], got shape {np.shape(x_bits)}")
-        if FAST_KERNEL_AVAILABLE and _fast_failure is None:
+        if _fast_failure is None and FAST_KERNEL_AVAILABLE:
             n = x.shape[0]
-            out = np.empty((n, self.n_classes), dtype=np.int32)
-            if n >= BITSLICED_MIN_ROWS and self.bitsliced is not None:  # on any number of threads
-                if self.bitsliced.forward_counts(x, out):
-                    return out
-            elif n <= CHUNK_ROWS or not _parallel_ok(n * self.word_ops_per_row):
-                # _run_fast inlined: at batch 1 every Python call counts.
-                try:
+            out = np.empty((n, self.n_classes), _INT32)
+            if n <= CHUNK_ROWS:
+                try:  # _run_fast inlined
                     codegen.network_serial(x, self.model, out)
                     return out
                 except NumbaError as exc:
                     _fall_back(exc)
+            elif n >= BITSLICED_MIN_ROWS and self.bitsliced is not None:  # on any number of threads
+                if self.bitsliced.forward_counts(x, out):
+                    return out
+            elif not _parallel_ok(n * self.word_ops_per_row):
+                if _run_fast(codegen.network_serial, x, self.model, out):
+                    return out
             elif _run_fast(codegen.network_parallel, x, self.model, out):
                 return out
         words = pack_bits(x)
