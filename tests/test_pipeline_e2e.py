@@ -57,7 +57,7 @@ def test_dvc_repro_then_experiment_reruns_only_what_changed(project_copy):
     stages = [r for r in runs if r.data.tags["kind"] == "stage"]
     children: dict[str, list[str]] = {}
     for r in stages:
-        assert r.data.params["finetune.grad"] == "identity"
+        assert r.data.params["finetune.grad"] == "ste"
         parent = parents[r.data.tags["mlflow.parentRunId"]]
         assert parent.data.tags["pipeline_run"] == r.data.tags["pipeline_run"]
         children.setdefault(parent.info.run_id, []).append(r.data.tags["stage"])
